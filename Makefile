@@ -1,0 +1,38 @@
+# careloop: `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test lint typecheck bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+## run: install, migrate and serve on embedded defaults (SQLite under var/, in-process worker)
+run: $(STAMP)
+	$(VENV)/bin/careloop db upgrade
+	$(VENV)/bin/careloop serve
+
+## lint: ruff, the import-linter layering contracts and mypy (strict on the packages)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+## test: lint, then the whole test suite
+test: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+## bench: intake and mapping benchmarks; tables printed, JSON in bench/results/
+bench: $(STAMP)
+	$(PY) bench/bench_intake.py
+	@if [ -f bench/bench_mappings.py ]; then $(PY) bench/bench_mappings.py; fi
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

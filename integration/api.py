@@ -1,0 +1,185 @@
+"""The HTTP API (FastAPI): HL7 v2 over HTTP, health, metrics.
+
+Errors are JSON ``{"code": ..., "message": ...}`` with a stable ``code``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from integration.clients import Client
+from integration.db import ping
+from integration.logs import get_logger
+from integration.runtime import Runtime
+from mappings.ack import AckCode
+
+__all__ = ["ApiError", "create_app"]
+
+log = get_logger("careloop.api")
+
+HL7_MEDIA_TYPE = "application/hl7-v2"
+ANONYMOUS = Client("anonymous", "authentication disabled", frozenset({"admin"}))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+def require_scope(scope: str) -> Callable[[Request], Awaitable[Client]]:
+    async def dependency(request: Request) -> Client:
+        runtime: Runtime = request.app.state.runtime
+        if runtime.settings.auth == "disabled":
+            return ANONYMOUS
+        authorization = request.headers.get("authorization", "")
+        challenge = {"WWW-Authenticate": 'Basic realm="careloop"'}
+        if not authorization:
+            raise ApiError(401, "unauthenticated", "credentials are required", challenge)
+        client = runtime.clients.authenticate_basic(authorization)
+        if client is None:
+            raise ApiError(401, "invalid_client", "unknown client or wrong secret", challenge)
+        if not client.allows(scope):
+            raise ApiError(403, "insufficient_scope", f"this client lacks the {scope} scope")
+        return client
+
+    return dependency
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
+    """The ASGI app. With ``manage_runtime`` its lifespan starts and stops ``runtime``."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_runtime:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_runtime:
+                await runtime.stop()
+
+    app = FastAPI(
+        title="careloop",
+        version="0.1.0",
+        summary="FHIR-native integration middleware for patient engagement.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.get("/health/live", tags=["ops"])
+    async def live() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready", tags=["ops"])
+    async def ready() -> Response:
+        """The database (and the broker, when configured) answer."""
+        checks: dict[str, str] = {}
+        ok = True
+        try:
+            await _in_thread(ping, runtime.engine)
+            checks["database"] = "ok"
+        except Exception as exc:
+            ok = False
+            checks["database"] = f"error: {type(exc).__name__}"
+        check_broker = getattr(runtime.dispatcher, "ping", None)
+        if check_broker is not None:
+            try:
+                await _in_thread(check_broker)
+                checks["broker"] = "ok"
+            except Exception as exc:
+                ok = False
+                checks["broker"] = f"error: {type(exc).__name__}"
+        body = {"status": "ok" if ok else "unavailable", "checks": checks}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        data = await _in_thread(generate_latest)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/hl7v2",
+        tags=["hl7"],
+        responses={
+            200: {"description": "every message stored and accepted (AA/CA)"},
+            400: {"description": "a message could not be read (AR); fix and resend"},
+            413: {"description": "the body is larger than the limit"},
+            422: {"description": "stored, but the content has an error (AE); replayable"},
+            503: {"description": "could not be stored; nothing was kept, resend later"},
+        },
+    )
+    async def post_hl7v2(
+        request: Request,
+        client: Annotated[Client, Depends(require_scope("hl7.write"))],
+    ) -> Response:
+        """Take one or more HL7 v2 messages (ER7; batches allowed) and answer with their ACKs.
+
+        Each message is stored before the answer; a message sent again (same MSH-3, MSH-4 and
+        MSH-10) is acknowledged AA and not processed twice.
+        """
+        body = await _read_body(request, runtime.settings.http_max_body_bytes)
+        peer = client.client_id
+        receipts = await runtime.receive_body(body, "http", peer)
+        codes = {r.code for r in receipts}
+        if any(r.unavailable for r in receipts):
+            status = 503
+        elif codes & {AckCode.AR, AckCode.CR}:
+            status = 400
+        elif AckCode.AE in codes:
+            status = 422
+        else:
+            status = 200
+        content = b"".join(b for r in receipts if (b := r.ack_bytes()) is not None)
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return Response(content, status_code=status, media_type=HL7_MEDIA_TYPE, headers=headers)
+
+    return app
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)

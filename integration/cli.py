@@ -1,0 +1,457 @@
+"""The ``careloop`` command line.
+
+Every command builds the settings once (environment + ``CARELOOP_CONFIG``) and passes them down.
+A bad setting or bad input ends the command with one line on stderr and a non-zero status:
+1 for bad input (a message that failed), 2 for bad settings or usage, 3 when a service
+(database, broker, peer) cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from integration.logs import configure_logging
+from integration.settings import Settings, SettingsError, load_settings
+
+EXIT_BAD_INPUT = 1
+EXIT_BAD_SETTINGS = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"careloop: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        _fail(str(exc), EXIT_BAD_SETTINGS)
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def _engine(settings: Settings) -> Any:
+    from sqlalchemy.exc import OperationalError
+
+    from integration.db import create_db_engine, ping
+
+    engine = create_db_engine(settings.database_url)
+    try:
+        ping(engine)
+    except OperationalError as exc:
+        _fail(f"the database cannot be reached: {str(exc.orig).splitlines()[0]}", EXIT_UNAVAILABLE)
+    return engine
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="careloop")
+def main() -> None:
+    """careloop: FHIR-native integration middleware for patient engagement.
+
+    Settings come from CARELOOP_* environment variables and the TOML file named by
+    CARELOOP_CONFIG (see the README's settings reference).
+    """
+
+
+# -- serve, worker, beat ----------------------------------------------------------------------
+@main.command()
+@click.option("--host", help="HTTP address [CARELOOP_HTTP_HOST, 127.0.0.1].")
+@click.option("--port", type=int, help="HTTP port [CARELOOP_HTTP_PORT, 8000].")
+@click.option("--mllp-port", type=int, help="MLLP port [CARELOOP_MLLP_PORT, 2575].")
+@click.option("--mllp-host", help="MLLP address [CARELOOP_MLLP_HOST, 127.0.0.1].")
+@click.option("--upgrade/--no-upgrade", default=True, show_default=True,
+              help="Apply database migrations before serving.")
+def serve(
+    host: str | None, port: int | None, mllp_port: int | None, mllp_host: str | None,
+    upgrade: bool,
+) -> None:
+    """Run the API and the MLLP listener (and the worker, when no broker is configured)."""
+    settings = _settings(http_host=host, http_port=port, mllp_port=mllp_port, mllp_host=mllp_host)
+    if upgrade:
+        _upgrade(settings)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(settings))
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from integration.api import create_app
+    from integration.runtime import Runtime
+
+    runtime = Runtime(settings)
+    app = create_app(runtime)
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        http = f"http://{settings.http_host}:{settings.http_port}"
+        assert runtime.mllp_address is not None
+        mllp_host, mllp_port = runtime.mllp_address
+        worker = (
+            "celery via " + settings.broker_url.split("@")[-1]
+            if settings.broker_url
+            else ("in-process" if settings.inprocess_worker else "off")
+        )
+        click.echo(
+            f"careloop is running\n"
+            f"  API       {http}  (docs {http}/docs)\n"
+            f"  MLLP      {mllp_host}:{mllp_port}"
+            f"{' (TLS)' if settings.mllp_tls_cert else ''}\n"
+            f"  database  {_safe_url(settings.database_url)}\n"
+            f"  worker    {worker}\n"
+            f"Stop with Ctrl-C.",
+            err=True,
+        )
+
+    task = asyncio.create_task(announce())
+    await server.serve()
+    task.cancel()
+    if not server.started:
+        _fail(
+            f"could not listen on {settings.http_host}:{settings.http_port} (port in use?)",
+            EXIT_UNAVAILABLE,
+        )
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@main.command()
+@click.option("--queues", "-Q", default="intake", show_default=True,
+              help="Comma-separated queues to consume.")
+@click.option("--concurrency", "-c", type=int, default=2, show_default=True)
+def worker(queues: str, concurrency: int) -> None:
+    """Run a Celery worker (needs CARELOOP_BROKER_URL)."""
+    settings = _settings()
+    if not settings.broker_url:
+        _fail("CARELOOP_BROKER_URL is not set: a worker needs a broker", EXIT_BAD_SETTINGS)
+    from integration.tasks import make_celery, run_worker, worker_argv
+
+    _engine(settings)
+    app = make_celery(settings)
+    run_worker(app, worker_argv(queues.split(","), concurrency, settings.log_level))
+
+
+@main.command()
+@click.option("--schedule", type=click.Path(dir_okay=False), default="var/celerybeat-schedule",
+              show_default=True, help="Where beat keeps its schedule state.")
+def beat(schedule: str) -> None:
+    """Run the periodic sweeper for multi-process deployments (needs CARELOOP_BROKER_URL)."""
+    settings = _settings()
+    if not settings.broker_url:
+        _fail("CARELOOP_BROKER_URL is not set: beat needs a broker", EXIT_BAD_SETTINGS)
+    from integration.tasks import make_celery
+
+    Path(schedule).parent.mkdir(parents=True, exist_ok=True)
+    app = make_celery(settings)
+    app.start(["beat", "--schedule", schedule, "--loglevel", settings.log_level.upper()])
+
+
+# -- db ----------------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+def _upgrade(settings: Settings) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from integration.db import upgrade
+
+    try:
+        upgrade(settings.database_url)
+    except OperationalError as exc:
+        _fail(f"the database cannot be reached: {str(exc.orig).splitlines()[0]}", EXIT_UNAVAILABLE)
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations up to the newest."""
+    settings = _settings()
+    _upgrade(settings)
+    click.echo(f"database {_safe_url(settings.database_url)} is up to date")
+
+
+# -- hl7 ---------------------------------------------------------------------------------------
+@main.group()
+def hl7() -> None:
+    """Send and convert HL7 v2 messages."""
+
+
+def _read_inputs(files: Sequence[str]) -> list[tuple[str, bytes]]:
+    from mappings.er7 import ER7Error, split_messages
+
+    out: list[tuple[str, bytes]] = []
+    for name in files:
+        try:
+            data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        except OSError as exc:
+            _fail(f"{name}: {exc.strerror}", EXIT_BAD_INPUT)
+        try:
+            messages = split_messages(data)
+        except ER7Error as exc:
+            _fail(f"{name}: {exc}", EXIT_BAD_INPUT)
+        if not messages:
+            _fail(f"{name}: no HL7 message found", EXIT_BAD_INPUT)
+        out += [(f"{name}#{i}", m) for i, m in enumerate(messages, start=1)]
+    return out
+
+
+@hl7.command("send")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--to", "target", required=True, metavar="HOST:PORT", help="MLLP listener.")
+@click.option("--tls", is_flag=True, help="Use TLS.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False),
+              help="CA bundle to verify the server (implies --tls).")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False),
+              help="Client certificate for mutual TLS (implies --tls).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Client key.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for each ACK.")
+def hl7_send(
+    files: Sequence[str], target: str, tls: bool, ca: str | None, cert: str | None,
+    key: str | None, timeout: float,
+) -> None:
+    """Send messages over MLLP and print each ACK.
+
+    FILE may hold several messages (and batches); '-' reads stdin. Exits 1 when any message
+    is not acknowledged AA/CA.
+    """
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        _fail(f"--to {target!r} is not HOST:PORT", EXIT_BAD_SETTINGS)
+    messages = _read_inputs(files)
+    ssl_context = None
+    if tls or ca or cert:
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=ca)
+        if cert:
+            ssl_context.load_cert_chain(cert, key)
+    ok = asyncio.run(_send_all(host, int(port), messages, ssl_context, timeout))
+    sys.exit(0 if ok else EXIT_BAD_INPUT)
+
+
+async def _send_all(
+    host: str, port: int, messages: list[tuple[str, bytes]], ssl_context: Any, timeout: float
+) -> bool:
+    from adapters.mllp import AckMismatch, MLLPClient
+    from mappings.er7 import ER7Error, decode, read_header
+
+    try:
+        client = await MLLPClient.connect(host, port, ssl_context=ssl_context, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        _fail(f"cannot connect to {host}:{port}: {exc}", EXIT_UNAVAILABLE)
+    all_ok = True
+    async with client:
+        for name, raw in messages:
+            try:
+                control_id = read_header(decode(raw)).control_id.encode("latin-1", "replace")
+            except ER7Error:
+                control_id = b""
+            try:
+                ack = await client.send(raw, control_id, timeout=timeout)
+            except AckMismatch as exc:
+                click.echo(f"{name}: {exc}", err=True)
+                all_ok = False
+                if "closed" in str(exc):
+                    break
+                continue
+            text = ack.decode("utf-8", "replace").replace("\r", "\n").strip()
+            code = _msa_code(ack)
+            all_ok &= code in ("AA", "CA")
+            click.echo(f"# {name} -> {code or '??'}\n{text}\n")
+    return all_ok
+
+
+def _msa_code(ack: bytes) -> str:
+    for line in ack.replace(b"\n", b"\r").split(b"\r"):
+        if line.startswith(b"MSA") and len(line) > 3:
+            return line.split(line[3:4])[1].decode("ascii", "replace").strip()
+    return ""
+
+
+# -- replay and inbox --------------------------------------------------------------------------
+def _parse_since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since {value!r} is not an ISO 8601 date or time", EXIT_BAD_SETTINGS)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@main.command()
+@click.option("--status", default="failed", show_default=True,
+              type=click.Choice(["failed", "processed", "received"]),
+              help="Which stored rows to reprocess.")
+@click.option("--since", help="Only rows received at or after this ISO 8601 time.")
+@click.option("--id", "ids", type=int, multiple=True, help="Only these inbox ids (repeatable).")
+def replay(status: str, since: str | None, ids: tuple[int, ...]) -> None:
+    """Reprocess stored inbox rows, with a progress bar."""
+    settings = _settings()
+    engine = _engine(settings)
+    from rich.progress import Progress
+
+    from integration.pipeline import process_message, requeue
+
+    selected = requeue(engine, status=status, since=_parse_since(since), ids=ids or None)
+    if not selected:
+        click.echo("nothing to replay")
+        return
+    outcomes: dict[str, int] = {}
+    with Progress(transient=False) as progress:
+        bar = progress.add_task(f"replaying {len(selected)} messages", total=len(selected))
+        for inbox_id in selected:
+            outcome = process_message(engine, inbox_id, max_attempts=settings.max_attempts)
+            key = outcome.status if outcome else "skipped"
+            outcomes[key] = outcomes.get(key, 0) + 1
+            progress.advance(bar)
+    click.echo(", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())))
+
+
+@main.group()
+def inbox() -> None:
+    """Stored messages."""
+
+
+@inbox.command("list")
+@click.option("--status", help="received, processed, failed or rejected.")
+@click.option("--type", "message_type", help="Message type, e.g. ADT^A01 or ADT.")
+@click.option("--control-id", help="MSH-10.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def inbox_list(
+    status: str | None, message_type: str | None, control_id: str | None, limit: int
+) -> None:
+    """List stored messages, newest first: id, received, source, type, control id, status,
+    error."""
+    from sqlalchemy import select
+
+    from integration.models import inbox as table
+
+    settings = _settings()
+    engine = _engine(settings)
+    query = select(
+        table.c.id, table.c.received_at, table.c.source, table.c.message_type,
+        table.c.control_id, table.c.status, table.c.ack_code, table.c.last_error,
+    ).order_by(table.c.id.desc()).limit(limit)
+    if status:
+        query = query.where(table.c.status == status)
+    if message_type:
+        if "^" in message_type:
+            query = query.where(table.c.message_type == message_type.upper())
+        else:
+            query = query.where(table.c.message_type.like(message_type.upper() + "%"))
+    if control_id:
+        query = query.where(table.c.control_id == control_id)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    click.echo(f"{'ID':>8}  {'RECEIVED':<19}  {'SOURCE':<5}  {'TYPE':<8}  {'CONTROL ID':<20}  "
+               f"{'STATUS':<9}  ACK  ERROR")
+    for r in rows:
+        received = r.received_at.strftime("%Y-%m-%d %H:%M:%S") if r.received_at else ""
+        error = (r.last_error or "").replace("\n", " ")[:60]
+        click.echo(f"{r.id:>8}  {received:<19}  {r.source:<5}  {r.message_type:<8}  "
+                   f"{r.control_id[:20]:<20}  {r.status:<9}  {r.ack_code:<3}  {error}")
+
+
+@inbox.command("show")
+@click.argument("inbox_id", type=int)
+def inbox_show(inbox_id: int) -> None:
+    """One stored message with its ACK and, only here, the raw message."""
+    from sqlalchemy import select
+
+    from integration.models import inbox as table
+
+    settings = _settings()
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        row = conn.execute(select(table).where(table.c.id == inbox_id)).first()
+    if row is None:
+        _fail(f"no inbox row {inbox_id}", EXIT_BAD_INPUT)
+    for name in ("id", "source", "peer", "sender", "message_type", "control_id", "version",
+                 "status", "ack_code", "attempts", "last_error", "received_at", "processed_at"):
+        click.echo(f"{name + ':':<14}{getattr(row, name)}")
+    click.echo("\nraw:")
+    click.echo(bytes(row.raw).decode("utf-8", "replace").replace("\r", "\n").rstrip())
+    if row.ack:
+        click.echo("\nack sent:")
+        click.echo(row.ack.replace("\r", "\n").rstrip())
+    if row.app_ack:
+        click.echo("\napplication ack:")
+        click.echo(row.app_ack.replace("\r", "\n").rstrip())
+
+
+# -- clients -----------------------------------------------------------------------------------
+@main.group()
+def clients() -> None:
+    """API clients (interface engines, vendor apps)."""
+
+
+@clients.command("create")
+@click.argument("name")
+@click.option("--scopes", required=True, multiple=True,
+              help="timeline.read, outreach.read, hl7.write, admin (repeat or space-separate).")
+def clients_create(name: str, scopes: tuple[str, ...]) -> None:
+    """Register an API client; prints its id and secret once."""
+    from integration.clients import ClientRegistry
+
+    settings = _settings()
+    engine = _engine(settings)
+    wanted = [s for group in scopes for s in group.replace(",", " ").split()]
+    try:
+        client_id, secret = ClientRegistry(engine).create(name, wanted)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_SETTINGS)
+    click.echo(f"client_id: {client_id}\nsecret:    {secret}\n"
+               "Keep the secret now: it is stored hashed and cannot be shown again.")
+
+
+@clients.command("disable")
+@click.argument("client_id")
+def clients_disable(client_id: str) -> None:
+    """Disable an API client; its requests are refused from now on."""
+    from integration.clients import ClientRegistry
+
+    settings = _settings()
+    if not ClientRegistry(_engine(settings)).disable(client_id):
+        _fail(f"no client {client_id}", EXIT_BAD_INPUT)
+    click.echo(f"client {client_id} disabled")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,292 @@
+"""The work pipeline: the processing stage, the sweeper and the two ways to run them.
+
+A stage reads a row, does its work and commits the row's new state (and the next stage's rows)
+in one transaction; only then is the next task enqueued, carrying ids only. Two dispatchers
+run the same stage code:
+
+* :class:`InProcessDispatcher`: worker threads inside ``careloop serve`` (no broker needed);
+* :class:`CeleryDispatcher` (in :mod:`integration.tasks`): Celery tasks over Redis.
+
+Either way the database decides: a row is claimed with ``SELECT ... FOR UPDATE SKIP LOCKED``
+on PostgreSQL and guarded by its status on both databases, so a task delivered twice, or a
+sweep that re-enqueues a row still in a queue, changes nothing the second time. The sweeper
+re-enqueues rows whose ``next_attempt_at`` has passed: a task lost with a broker or a worker
+delays work but never loses it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, func, select, update
+
+from integration.logs import get_logger
+from integration.metrics import PROCESSED
+from integration.models import InboxStatus, inbox
+from integration.routing import MessageError, route
+from mappings.ack import AckCode, AckError, application_ack_wanted, build_ack
+from mappings.er7 import ER7Error, decode, read_header
+
+__all__ = [
+    "Dispatcher",
+    "InProcessDispatcher",
+    "Outcome",
+    "due_ids",
+    "process_message",
+    "queue_depth",
+    "requeue",
+]
+
+log = get_logger("careloop.pipeline")
+
+
+class Dispatcher(Protocol):
+    """Moves ids to whatever runs the processing stage."""
+
+    def dispatch(self, inbox_ids: Sequence[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    inbox_id: int
+    status: str
+    error: str | None = None
+
+
+def _backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(3600, 5 * 2 ** max(0, attempts - 1)))
+
+
+def process_message(
+    engine: Engine,
+    inbox_id: int,
+    *,
+    max_attempts: int = 5,
+    now: datetime | None = None,
+) -> Outcome | None:
+    """Run the processing stage for one inbox row; None when there was nothing to do (already
+    processed, or claimed by another worker right now)."""
+    now = now or datetime.now(UTC)
+    with engine.begin() as conn:
+        query = select(
+            inbox.c.id, inbox.c.raw, inbox.c.attempts, inbox.c.status
+        ).where(inbox.c.id == inbox_id, inbox.c.status == InboxStatus.RECEIVED.value)
+        if engine.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        row = conn.execute(query).first()
+        if row is None:
+            return None
+        attempts = row.attempts + 1
+        values: dict[str, Any] = {"attempts": attempts}
+        app_ack_error: AckError | None = None
+        try:
+            text = decode(row.raw)
+            header = read_header(text)
+            route(header, text)
+        except (MessageError, ER7Error) as exc:
+            status, error = InboxStatus.FAILED, str(exc)
+            location = getattr(exc, "location", "")
+            app_ack_error = AckError(error, location, getattr(exc, "code", "207"))
+            values.update(status=status.value, last_error=error, processed_at=now,
+                          next_attempt_at=None)
+        except Exception as exc:  # a bug or an outage: retry with backoff, then give up
+            error = f"{type(exc).__name__}: {str(exc)[:500]}"
+            if attempts >= max_attempts:
+                status = InboxStatus.FAILED
+                values.update(status=status.value, last_error=error, next_attempt_at=None,
+                              processed_at=now)
+            else:
+                status = InboxStatus.RECEIVED
+                values.update(last_error=error, next_attempt_at=now + _backoff(attempts))
+            log.warning("processing_error", inbox_id=inbox_id, attempts=attempts,
+                        exc_type=type(exc).__name__)
+        else:
+            status, error = InboxStatus.PROCESSED, None
+            values.update(status=status.value, last_error=None, processed_at=now,
+                          next_attempt_at=None)
+        if status is not InboxStatus.RECEIVED:
+            values["app_ack"] = _application_ack(row.raw, app_ack_error, now)
+        result = conn.execute(
+            update(inbox)
+            .where(inbox.c.id == inbox_id, inbox.c.status == InboxStatus.RECEIVED.value)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            # Another worker finished it between our read and our write (SQLite has no
+            # SKIP LOCKED): roll back everything this attempt wrote.
+            conn.rollback()
+            return None
+    PROCESSED.labels(stage="intake", outcome=status.value).inc()
+    log.info("message_processed", inbox_id=inbox_id, status=status.value, attempts=attempts)
+    return Outcome(inbox_id, status.value, error)
+
+
+def _application_ack(raw: bytes, error: AckError | None, now: datetime) -> str | None:
+    """Enhanced mode: the application ACK when MSH-16 asks for one in this outcome."""
+    try:
+        header = read_header(decode(raw))
+    except ER7Error:
+        return None
+    ok = error is None
+    if not application_ack_wanted(header, ok):
+        return None
+    code = AckCode.AA if ok else AckCode.AE
+    errors = (error,) if error else ()
+    control_id = f"CLAPP{header.control_id}"[:20]
+    return build_ack(header, code, control_id=control_id, now=now, errors=errors)
+
+
+def due_ids(engine: Engine, *, now: datetime | None = None, limit: int = 1000) -> list[int]:
+    """Rows waiting longer than they should: stored but not yet processed, or due for a retry."""
+    now = now or datetime.now(UTC)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(inbox.c.id)
+            .where(
+                inbox.c.status == InboxStatus.RECEIVED.value,
+                inbox.c.next_attempt_at <= now,
+            )
+            .order_by(inbox.c.id)
+            .limit(limit)
+        )
+        return [r.id for r in rows]
+
+
+def requeue(
+    engine: Engine,
+    *,
+    status: str = InboxStatus.FAILED.value,
+    since: datetime | None = None,
+    ids: Sequence[int] | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    """Put rows back to ``received`` for replay; returns their ids. Attempts are reset."""
+    now = now or datetime.now(UTC)
+    conditions = [inbox.c.status == status] if status else []
+    if since is not None:
+        conditions.append(inbox.c.received_at >= since)
+    if ids is not None:
+        conditions.append(inbox.c.id.in_(list(ids)))
+    # Unreadable rows cannot be processed; they are kept only for inspection.
+    conditions.append(inbox.c.status != InboxStatus.REJECTED.value)
+    with engine.begin() as conn:
+        selected = [
+            r.id
+            for r in conn.execute(select(inbox.c.id).where(*conditions).order_by(inbox.c.id))
+        ]
+        for start in range(0, len(selected), 500):
+            chunk = selected[start : start + 500]
+            conn.execute(
+                update(inbox)
+                .where(inbox.c.id.in_(chunk))
+                .values(
+                    status=InboxStatus.RECEIVED.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    processed_at=None,
+                    app_ack=None,
+                    app_ack_sent_at=None,
+                )
+            )
+    return selected
+
+
+def queue_depth(engine: Engine, now: datetime | None = None) -> dict[str, tuple[int, float]]:
+    """Rows waiting per stage and the age in seconds of the oldest (for /metrics)."""
+    now = now or datetime.now(UTC)
+    with engine.connect() as conn:
+        count, oldest = conn.execute(
+            select(func.count(), func.min(inbox.c.received_at)).where(
+                inbox.c.status == InboxStatus.RECEIVED.value
+            )
+        ).one()
+    age = 0.0
+    if oldest is not None:
+        if oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        age = max(0.0, (now - oldest).total_seconds())
+    return {"intake": (int(count), age)}
+
+
+class InProcessDispatcher:
+    """Worker threads inside the serving process, fed by a queue of ids.
+
+    Ids already queued are not queued twice, so a sweep over a long backlog does not grow the
+    queue. Whatever is in the queue when the process dies is still ``received`` in the database
+    and is found by the sweep at the next start.
+    """
+
+    def __init__(
+        self,
+        work: Callable[[int], object],
+        *,
+        threads: int = 2,
+        sweep: Callable[[], Sequence[int]] | None = None,
+        sweep_interval_s: float = 15.0,
+    ) -> None:
+        self._work = work
+        self._sweep = sweep
+        self._sweep_interval = sweep_interval_s
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._queued: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
+        self.idle = threading.Event()
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+        if self._sweep is not None:
+            self._sweeper.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        if self._sweeper.is_alive():
+            self._sweeper.join(timeout)
+
+    def dispatch(self, inbox_ids: Sequence[int]) -> None:
+        with self._lock:
+            for inbox_id in inbox_ids:
+                if inbox_id not in self._queued:
+                    self._queued.add(inbox_id)
+                    self._queue.put(inbox_id)
+
+    def _loop(self) -> None:
+        while True:
+            inbox_id = self._queue.get()
+            if inbox_id is None:
+                return
+            with self._lock:
+                self._queued.discard(inbox_id)
+            try:
+                self._work(inbox_id)
+            except Exception as exc:  # the row stays received; the sweep retries it
+                log.error("worker_error", inbox_id=inbox_id, exc_type=type(exc).__name__,
+                          error=str(exc)[:200])
+
+    def _sweep_loop(self) -> None:
+        assert self._sweep is not None
+        while True:
+            try:
+                ids = self._sweep()
+                if ids:
+                    log.info("sweep_requeued", count=len(ids))
+                    self.dispatch(ids)
+            except Exception as exc:
+                log.warning("sweep_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
+            if self._stop.wait(self._sweep_interval):
+                return

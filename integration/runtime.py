@@ -1,0 +1,176 @@
+"""Wiring: one :class:`Runtime` holds the engine, the intake, the dispatcher and the MLLP
+listener built from the settings, and starts and stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from functools import partial
+
+from sqlalchemy import Engine
+
+from adapters.mllp import MLLPServer, ServerLimits, server_ssl_context
+from integration.clients import ClientRegistry
+from integration.db import create_db_engine
+from integration.intake import GroupCommitter, IntakeService, Receipt
+from integration.logs import get_logger
+from integration.metrics import register_queue_collector
+from integration.pipeline import (
+    Dispatcher,
+    InProcessDispatcher,
+    due_ids,
+    process_message,
+    queue_depth,
+)
+from integration.settings import Settings
+from mappings.ack import AckCode, AckError, build_ack_for_unreadable
+from mappings.er7 import ER7Error, split_messages
+
+__all__ = ["Runtime"]
+
+log = get_logger("careloop.runtime")
+
+
+class Runtime:
+    """Everything ``careloop serve`` runs, built from one :class:`Settings`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        dispatcher: Dispatcher | None = None,
+        with_mllp: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine or create_db_engine(settings.database_url)
+        self.clients = ClientRegistry(self.engine)
+        self._inprocess: InProcessDispatcher | None = None
+        if dispatcher is None:
+            dispatcher = self._default_dispatcher()
+        self.dispatcher = dispatcher
+        self.committer = GroupCommitter(self.engine, after_commit=dispatcher.dispatch)
+        self.intake = IntakeService(self.committer, stale_after_s=settings.stale_after_s)
+        self.mllp: MLLPServer | None = None
+        self.mllp_address: tuple[str, int] | None = None
+        self._with_mllp = with_mllp
+        self.started = False
+
+    def _default_dispatcher(self) -> Dispatcher:
+        s = self.settings
+        if s.broker_url:
+            from integration.tasks import CeleryDispatcher, make_celery
+
+            return CeleryDispatcher(make_celery(s))
+        if not s.inprocess_worker:
+            return _NoDispatch()
+        self._inprocess = InProcessDispatcher(
+            partial(self.process, now=None),
+            threads=s.worker_threads,
+            sweep=lambda: due_ids(self.engine),
+            sweep_interval_s=s.sweep_interval_s,
+        )
+        return self._inprocess
+
+    def process(self, inbox_id: int, now: datetime | None = None) -> object:
+        return process_message(
+            self.engine, inbox_id, max_attempts=self.settings.max_attempts,
+            now=now or datetime.now(UTC),
+        )
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        register_queue_collector(lambda: queue_depth(self.engine))
+        if self._inprocess is not None:
+            self._inprocess.start()
+        start = getattr(self.dispatcher, "start", None)
+        if start is not None and self._inprocess is None:
+            start()
+        await self.committer.start()
+        if self._with_mllp:
+            await self._start_mllp()
+        self.started = True
+
+    async def _start_mllp(self) -> None:
+        s = self.settings
+        ssl_context = None
+        if s.mllp_tls_cert and s.mllp_tls_key:
+            ssl_context = server_ssl_context(
+                str(s.mllp_tls_cert),
+                str(s.mllp_tls_key),
+                str(s.mllp_tls_client_ca) if s.mllp_tls_client_ca else None,
+            )
+        self.mllp = MLLPServer(
+            self.handle_frame,
+            limits=ServerLimits(
+                max_frame_bytes=s.mllp_max_frame_bytes,
+                idle_timeout_s=s.mllp_idle_timeout_s,
+                frame_timeout_s=s.mllp_frame_timeout_s,
+                max_connections=s.mllp_max_connections,
+            ),
+            ssl_context=ssl_context,
+            on_oversize=self._oversize_reply,
+            on_error=lambda exc, peer: log.error(
+                "mllp_handler_error", peer=peer, exc_type=type(exc).__name__
+            ),
+            on_timeout=lambda peer, reason: log.info("mllp_timeout", peer=peer, reason=reason),
+        )
+        self.mllp_address = await self.mllp.start(s.mllp_host, s.mllp_port)
+        log.info("mllp_listening", host=self.mllp_address[0], port=self.mllp_address[1],
+                 tls=ssl_context is not None)
+
+    async def stop(self) -> None:
+        if self.mllp is not None:
+            await self.mllp.close()
+        await self.committer.stop()
+        if self._inprocess is not None:
+            await asyncio.to_thread(self._inprocess.stop)
+        stop = getattr(self.dispatcher, "stop", None)
+        if stop is not None and self._inprocess is None:
+            stop()
+        self.started = False
+
+    async def receive_body(self, body: bytes, source: str, peer: str) -> list[Receipt]:
+        """Split a body (an MLLP frame or an HTTP request) into messages and take them in."""
+        if not body.strip():
+            return [_unreadable("the input is empty: no HL7 message", "MSH", "100")]
+        try:
+            messages = split_messages(body)
+        except ER7Error:
+            # Not HL7 at all: kept whole as one rejected row for inspection, answered AR.
+            messages = [body]
+        return await self.intake.receive(messages, source, peer)
+
+    async def handle_frame(self, payload: bytes, peer: str) -> bytes | None:
+        receipts = await self.receive_body(payload, "mllp", peer)
+        replies = [b for r in receipts if (b := r.ack_bytes()) is not None]
+        return b"".join(replies) if replies else None
+
+    def _oversize_reply(self, head: bytes, peer: str) -> bytes:
+        limit = self.settings.mllp_max_frame_bytes
+        log.warning("mllp_frame_too_large", peer=peer, limit=limit)
+        err = AckError(f"the MLLP frame exceeds {limit} bytes; nothing was stored", "", "207")
+        control = b""
+        if head.startswith(b"MSH") and len(head) > 4:
+            parts = head.split(b"\r")[0].split(head[3:4])
+            control = parts[9] if len(parts) > 9 else b""
+        return build_ack_for_unreadable(
+            AckCode.AR, err, control_id="CLOVERSIZE",
+            now=datetime.now(UTC), echo_control_id=control.decode("latin-1"),
+        ).encode()
+
+
+def _unreadable(text: str, location: str, code: str) -> Receipt:
+    ack = build_ack_for_unreadable(
+        AckCode.AR, AckError(text, location, code), control_id="CLREJECT", now=datetime.now(UTC)
+    )
+    return Receipt(AckCode.AR, ack, "utf-8")
+
+
+class _NoDispatch:
+    """Stores without processing (``CARELOOP_INPROCESS_WORKER=false`` and no broker):
+    rows wait for a worker or ``careloop replay``."""
+
+    def dispatch(self, inbox_ids: object) -> None:
+        return None

@@ -1,0 +1,246 @@
+"""careloop's one settings object.
+
+Built once at the entry point (:func:`load_settings`) and passed down; nothing reads the
+environment at import time. Sources, strongest first: keyword arguments, ``CARELOOP_*``
+environment variables, the TOML file named by ``CARELOOP_CONFIG``, then the defaults below.
+A bad value stops the start with one line naming the setting (:func:`describe_error`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = ["HL7Sender", "Settings", "SettingsError", "describe_error", "load_settings"]
+
+ENV_PREFIX = "CARELOOP_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or wrong; the message is one line naming it."""
+
+
+def _resolve_secret(value: str, name: str) -> str:
+    """``env:VAR`` reads the secret from another environment variable."""
+    if value.startswith("env:"):
+        var = value[4:]
+        if var not in os.environ:
+            raise ValueError(f"{name} names environment variable {var}, which is not set")
+        return os.environ[var]
+    return value
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+    return value
+
+
+class HL7Sender(BaseModel):
+    """Per-sender rules, matched on MSH-3 (application) and MSH-4 (facility) namespace ids."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    application: str
+    facility: str = ""
+    timezone: str | None = None
+    identifier_systems: dict[str, str] = Field(default_factory=dict)
+    ack_to: str | None = None
+    """``host:port`` where enhanced-mode application acknowledgements are sent over MLLP."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        return None if v is None else _check_timezone(v)
+
+    @field_validator("ack_to")
+    @classmethod
+    def _ack_to(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{v!r} is not host:port")
+        return v
+
+    def matches(self, application: str, facility: str) -> bool:
+        return self.application == application and (
+            not self.facility or self.facility == facility
+        )
+
+
+class Settings(BaseSettings):
+    """Every setting careloop reads. Environment names are ``CARELOOP_`` + the upper-case name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    # storage and work
+    database_url: str = "sqlite:///var/careloop.db"
+    """SQLAlchemy URL. SQLite (WAL, synchronous=FULL) for one process; PostgreSQL
+    (``postgresql+psycopg://...``) for many."""
+    broker_url: str | None = None
+    """Celery broker (``redis://...``). Unset: an in-process worker runs inside ``serve``."""
+    broker_key_prefix: str = ""
+    """Prefix for every Redis key Celery writes (to share one Redis between deployments)."""
+    inprocess_worker: bool = True
+    """With no broker, run the pipeline inside ``careloop serve`` (turn off only to measure)."""
+    worker_threads: int = Field(default=2, ge=1, le=64)
+    sweep_interval_s: float = Field(default=15.0, gt=0)
+    stale_after_s: float = Field(default=60.0, gt=0)
+    """A row still pending this long after it was stored or last tried is enqueued again."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Unexpected processing errors are retried this many times before the row is failed."""
+
+    # network
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    http_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = Field(default=2575, ge=0, le=65535)
+    mllp_max_frame_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    mllp_idle_timeout_s: float = Field(default=600.0, gt=0)
+    """A connection with no traffic for this long is closed."""
+    mllp_frame_timeout_s: float = Field(default=30.0, gt=0)
+    """A frame that has started but not ended after this long (a slow or stuck sender) closes
+    the connection."""
+    mllp_max_connections: int = Field(default=1000, ge=1)
+    mllp_tls_cert: Path | None = None
+    mllp_tls_key: Path | None = None
+    mllp_tls_client_ca: Path | None = None
+    """With a CA bundle, clients must present a certificate it signed (mutual TLS)."""
+    base_url: str = "http://127.0.0.1:8000"
+    auth: Literal["required", "disabled"] = "required"
+
+    # operations
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+
+    # behaviour (TOML file)
+    timezone: str = "UTC"
+    default_language: str = "en"
+    hl7_senders: tuple[HL7Sender, ...] = ()
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return _check_timezone(v)
+
+    @field_validator("database_url")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        if not v.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, v: str | None) -> str | None:
+        if v == "":
+            return None
+        if v is not None and not v.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return v
+
+    @field_validator("mllp_tls_cert", "mllp_tls_key", "mllp_tls_client_ca")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file {str(v)!r} does not exist")
+        return v
+
+    def model_post_init(self, _context: Any) -> None:
+        if (self.mllp_tls_cert is None) != (self.mllp_tls_key is None):
+            raise ValueError("mllp_tls_cert and mllp_tls_key go together: set both or neither")
+        if self.mllp_tls_client_ca is not None and self.mllp_tls_cert is None:
+            raise ValueError("mllp_tls_client_ca needs mllp_tls_cert and mllp_tls_key")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def sender(self, application: str, facility: str) -> HL7Sender | None:
+        """The ``[[hl7_senders]]`` rule for MSH-3/MSH-4 namespace ids, if any."""
+        for rule in self.hl7_senders:
+            if rule.matches(application, facility):
+                return rule
+        return None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"CARELOOP_CONFIG: file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"CARELOOP_CONFIG: {path}: {exc}") from None
+
+
+def describe_error(exc: ValidationError, environ: Mapping[str, str]) -> str:
+    """One line naming the first bad setting the way the user wrote it."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    name = loc[0] if loc else "settings"
+    env_name = ENV_PREFIX + name.upper()
+    where = env_name if env_name in environ else ".".join(loc) if loc else name
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list | tuple) or value is None else f" (got {value!r})"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown setting"
+    return f"{where}: {msg}{shown}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment and the ``CARELOOP_CONFIG`` TOML file.
+
+    Raises :class:`SettingsError` with a one-line message on any bad value.
+    """
+    env = os.environ
+    file_values: dict[str, Any] = {}
+    config_path = env.get("CARELOOP_CONFIG")
+    if config_path:
+        file_values = _read_toml(config_path)
+    # Environment beats the file: drop file keys the environment sets.
+    for key in list(file_values):
+        if ENV_PREFIX + key.upper() in env:
+            del file_values[key]
+    values = {**file_values, **overrides}
+    try:
+        for secret_key in ("database_url", "broker_url"):
+            if isinstance(values.get(secret_key), str):
+                values[secret_key] = _resolve_secret(values[secret_key], secret_key)
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(describe_error(exc, env)) from None
+    except ValueError as exc:
+        raise SettingsError(str(exc).splitlines()[0]) from None

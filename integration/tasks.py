@@ -1,0 +1,164 @@
+"""Celery: the pipeline's tasks when ``CARELOOP_BROKER_URL`` is set (``careloop worker``,
+``careloop beat``).
+
+Tasks carry ids only. They are sent after the commit that created the rows, from a background
+thread, so the broker's round trip is never on the ACK path. ``acks_late`` with
+``reject_on_worker_lost`` redelivers a task whose worker died; the database status makes the
+redelivery harmless. The beat schedule runs the sweep, which re-enqueues any row pending too
+long, so a task lost with the broker is only late. Long delays live in the database
+(``next_attempt_at``), never as Celery ETA tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine
+
+from integration.db import create_db_engine
+from integration.logs import get_logger
+from integration.pipeline import due_ids, process_message
+from integration.settings import Settings
+
+__all__ = ["QUEUES", "CeleryDispatcher", "make_celery"]
+
+log = get_logger("careloop.tasks")
+
+QUEUES = ("intake",)
+_BATCH = 100
+
+
+class _EngineHolder:
+    """One engine per worker process, created after the fork."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine: Engine | None = None
+        self._pid = 0
+
+    def get(self) -> Engine:
+        if self._engine is None or self._pid != os.getpid():
+            self._engine = create_db_engine(self._url, pool_size=2)
+            self._pid = os.getpid()
+        return self._engine
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app for ``settings`` (tasks ``careloop.process`` and ``careloop.sweep``)."""
+    if not settings.broker_url:
+        raise ValueError("CARELOOP_BROKER_URL is not set: Celery needs a broker")
+    app = Celery("careloop", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue="intake",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": 3600,
+            **({"global_keyprefix": settings.broker_key_prefix}
+               if settings.broker_key_prefix else {}),
+        },
+        beat_schedule={
+            "sweep": {"task": "careloop.sweep", "schedule": settings.sweep_interval_s},
+        },
+    )
+    engines = _EngineHolder(settings.database_url)
+
+    @app.task(name="careloop.process", ignore_result=True)  # type: ignore[untyped-decorator]
+    def process(inbox_ids: list[int]) -> None:
+        engine = engines.get()
+        for inbox_id in inbox_ids:
+            process_message(engine, int(inbox_id), max_attempts=settings.max_attempts)
+
+    @app.task(name="careloop.sweep", ignore_result=True)  # type: ignore[untyped-decorator]
+    def sweep() -> int:
+        ids = due_ids(engines.get())
+        for start in range(0, len(ids), _BATCH):
+            process.apply_async(args=[ids[start : start + _BATCH]], queue="intake")
+        if ids:
+            log.info("sweep_requeued", count=len(ids))
+        return len(ids)
+
+    return app
+
+
+class CeleryDispatcher:
+    """Sends ``careloop.process`` tasks from a background thread, batching ids."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._queue: queue.Queue[list[int] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="celery-dispatch", daemon=True)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._queue.put(None)
+            self._thread.join(10)
+
+    def dispatch(self, inbox_ids: Sequence[int]) -> None:
+        if not self._started:
+            self.start()
+        self._queue.put(list(inbox_ids))
+
+    def ping(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            ids = list(first)
+            stop = False
+            while len(ids) < _BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                ids.extend(more)
+            self._send(ids)
+            if stop:
+                return
+
+    def _send(self, ids: list[int]) -> None:
+        try:
+            self.app.send_task(
+                "careloop.process", args=[ids], queue="intake",
+                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2},
+            )
+        except Exception as exc:  # the rows are stored; the sweep sends them later
+            log.warning("enqueue_failed", count=len(ids), exc_type=type(exc).__name__)
+
+
+def worker_argv(queues: Sequence[str], concurrency: int, loglevel: str) -> list[str]:
+    return [
+        "worker",
+        "--queues", ",".join(queues),
+        "--concurrency", str(concurrency),
+        "--loglevel", loglevel.upper(),
+        "--hostname", "careloop@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def run_worker(app: Celery, argv: list[str]) -> Any:
+    return app.worker_main(argv)
