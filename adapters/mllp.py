@@ -253,7 +253,8 @@ class _Connection(asyncio.Protocol):
             payloads = self._framer.feed(data)
         except FrameTooLarge as exc:
             self._server.stats.oversized += 1
-            reply = self._server.on_oversize(exc.head, self.peer) if self._server.on_oversize else None
+            on_oversize = self._server.on_oversize
+            reply = on_oversize(exc.head, self.peer) if on_oversize else None
             self._flush_then_close(reply)
             return
         if self._framer.in_frame and (not was_in_frame or payloads):

@@ -5,6 +5,7 @@ Errors are JSON ``{"code": ..., "message": ...}`` with a stable ``code``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -180,6 +181,4 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    import asyncio
-
     return await asyncio.to_thread(fn, *args)

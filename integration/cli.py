@@ -114,7 +114,9 @@ async def _serve(settings: Settings) -> None:
             if server.should_exit:
                 return
             await asyncio.sleep(0.05)
-        http = f"http://{settings.http_host}:{settings.http_port}"
+        bound = server.servers[0].sockets[0].getsockname() if server.servers else None
+        http_port = bound[1] if bound else settings.http_port
+        http = f"http://{settings.http_host}:{http_port}"
         assert runtime.mllp_address is not None
         mllp_host, mllp_port = runtime.mllp_address
         worker = (

@@ -90,8 +90,8 @@ class ClientRegistry:
             if row is None or row.disabled:
                 cached = (now, "", None)
             else:
-                client = Client(row.client_id, row.name, frozenset(row.scopes.split()))
-                cached = (now, row.secret_hash, client)
+                found = Client(row.client_id, row.name, frozenset(row.scopes.split()))
+                cached = (now, row.secret_hash, found)
             self._cache[client_id] = cached
         _, stored_hash, client = cached
         # Compare even when the client is unknown, so timing says nothing about which ids exist.

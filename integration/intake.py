@@ -18,7 +18,6 @@ is rolled back as a whole.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 import uuid
@@ -34,13 +33,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from integration.logs import get_logger
 from integration.metrics import ACK_LATENCY, DUPLICATES, MESSAGES
 from integration.models import InboxStatus, inbox
+from integration.routing import check_structure
 from mappings.ack import (
     AckCode,
     AckError,
     build_ack,
     build_ack_for_unreadable,
 )
-from mappings.er7 import ER7Error, Header, codec_for, decode, read_header, split_segments
+from mappings.er7 import ER7Error, Header, codec_for, decode, read_header
 
 __all__ = [
     "Assessment",
@@ -49,34 +49,9 @@ __all__ = [
     "Receipt",
     "StorageUnavailable",
     "assess",
-    "required_segments",
 ]
 
 log = get_logger("careloop.intake")
-
-_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
-
-# Segments a message family cannot be processed without (HL7 v2.5.1 abstract message syntax).
-# Missing one is a content error (AE, table 0357 code 100), found before the ACK at the cost of a
-# line split. Types not listed here are only checked for well-formed segment ids.
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "ADT": ("PID",),
-    "SIU": ("SCH",),
-    "RDE": ("ORC", "RXE"),
-    "OMP": ("ORC", "RXO"),
-    "RDS": ("ORC", "RXD"),
-    "ORU": ("OBR",),
-    "VXU": ("PID", "RXA"),
-}
-# ADT events whose message structure has no PID.
-_ADT_WITHOUT_PID = frozenset({"A20"})
-
-
-def required_segments(header: Header) -> tuple[str, ...]:
-    if header.message_code == "ADT" and header.trigger_event in _ADT_WITHOUT_PID:
-        return ()
-    return _REQUIRED.get(header.message_code, ())
-
 
 class StorageUnavailable(RuntimeError):
     """The inbox could not be written: the sender should retry later."""
@@ -158,25 +133,10 @@ def assess(raw: bytes, source: str, peer: str) -> Assessment:
 
 
 def _structure_error(header: Header, text: str) -> AckError | None:
-    segments = split_segments(text)
-    seen: set[str] = set()
-    for index, segment in enumerate(segments, start=1):
-        seg_id = segment[:3]
-        if not _SEGMENT_ID.match(seg_id):
-            return AckError(
-                f"segment {index} starts with {seg_id!r}, not a segment id",
-                f"{seg_id}",
-                "100",
-            )
-        seen.add(seg_id)
-    for required in required_segments(header):
-        if required not in seen:
-            return AckError(
-                f"{header.message_type} has no {required} segment",
-                required,
-                "100",
-            )
-    return None
+    problem = check_structure(header, text)
+    if problem is None:
+        return None
+    return AckError(str(problem), problem.location, problem.code)
 
 
 @dataclass(slots=True)
@@ -252,7 +212,8 @@ class GroupCommitter:
     async def stop(self) -> None:
         if self._task is not None:
             # Let queued rows commit first.
-            while self._queue:
+            deadline = time.monotonic() + 10
+            while self._queue and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded drain
                 await asyncio.sleep(0.01)
             self._task.cancel()
             with _suppress_cancel():
@@ -379,7 +340,8 @@ class IntakeService:
                     DUPLICATES.labels(source=source).inc()
                     log.info("message_duplicate", source=source, control_id=_cid(a),
                              message_type=_mtype(a))
-                    receipt = self._reply(a, now, duplicate=True)
+                    receipts.append(self._reply(a, now, duplicate=True))
+                    continue
                 receipts.append(receipt)
         elapsed = time.perf_counter() - started
         for r, a in zip(receipts, assessed, strict=True):

@@ -83,6 +83,7 @@ def process_message(
             return None
         attempts = row.attempts + 1
         values: dict[str, Any] = {"attempts": attempts}
+        error: str | None
         app_ack_error: AckError | None = None
         try:
             text = decode(row.raw)

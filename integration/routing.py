@@ -7,16 +7,29 @@ added (``careloop replay``).
 
 from __future__ import annotations
 
-from mappings.er7 import Header
+import re
 
-__all__ = ["FAMILIES", "MessageError", "UnsupportedMessage", "family_of", "route"]
+from mappings.er7 import Header, split_segments
+
+__all__ = [
+    "FAMILIES",
+    "MessageError",
+    "UnsupportedMessage",
+    "check_structure",
+    "family_of",
+    "required_segments",
+    "route",
+]
 
 # Message code -> (family, trigger events handled; empty = every trigger).
 FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "ADT": (
         "adt",
         frozenset(
-            "A01 A02 A03 A04 A05 A06 A07 A08 A11 A13 A28 A31 A34 A38 A40 A47".split()
+            [
+                "A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08",
+                "A11", "A13", "A28", "A31", "A34", "A38", "A40", "A47",
+            ]
         ),
     ),
     "SIU": ("siu", frozenset(f"S{n}" for n in range(12, 27))),
@@ -26,6 +39,24 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "ORU": ("results", frozenset({"R01"})),
     "VXU": ("immunization", frozenset({"V04"})),
 }
+
+
+_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+
+# Segments a message family cannot be processed without (HL7 v2.5.1 abstract message syntax).
+# Missing one is a content error (AE, table 0357 code 100), found before the ACK at the cost of a
+# line split. Types not listed here are only checked for well-formed segment ids.
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "ADT": ("PID",),
+    "SIU": ("SCH",),
+    "RDE": ("ORC", "RXE"),
+    "OMP": ("ORC", "RXO"),
+    "RDS": ("ORC", "RXD"),
+    "ORU": ("OBR",),
+    "VXU": ("PID", "RXA"),
+}
+# ADT events whose message structure has no PID.
+_ADT_WITHOUT_PID = frozenset({"A20"})
 
 
 class MessageError(ValueError):
@@ -41,6 +72,32 @@ class UnsupportedMessage(MessageError):
     pass
 
 
+def required_segments(header: Header) -> tuple[str, ...]:
+    if header.message_code == "ADT" and header.trigger_event in _ADT_WITHOUT_PID:
+        return ()
+    return _REQUIRED.get(header.message_code, ())
+
+
+def check_structure(header: Header, text: str) -> MessageError | None:
+    """The first structural problem (a line that is not a segment, a missing required
+    segment), or None. Cheap enough for the ACK path: one line split, no field parsing."""
+    seen: set[str] = set()
+    for index, segment in enumerate(split_segments(text), start=1):
+        seg_id = segment[:3]
+        if not _SEGMENT_ID.match(seg_id):
+            return MessageError(
+                f"segment {index} starts with {seg_id!r}, not a segment id",
+                location=seg_id, code="100",
+            )
+        seen.add(seg_id)
+    for required in required_segments(header):
+        if required not in seen:
+            return MessageError(
+                f"{header.message_type} has no {required} segment", location=required, code="100"
+            )
+    return None
+
+
 def family_of(header: Header) -> str | None:
     entry = FAMILIES.get(header.message_code)
     if entry is None:
@@ -53,6 +110,9 @@ def family_of(header: Header) -> str | None:
 
 def route(header: Header, text: str) -> str:
     """The family that handles this message, or :class:`UnsupportedMessage`."""
+    problem = check_structure(header, text)
+    if problem is not None:
+        raise problem
     family = family_of(header)
     if family is None:
         code = "200" if header.message_code not in FAMILIES else "201"

@@ -23,6 +23,7 @@ from integration.pipeline import (
     queue_depth,
 )
 from integration.settings import Settings
+from integration.tasks import CeleryDispatcher, make_celery
 from mappings.ack import AckCode, AckError, build_ack_for_unreadable
 from mappings.er7 import ER7Error, split_messages
 
@@ -59,8 +60,6 @@ class Runtime:
     def _default_dispatcher(self) -> Dispatcher:
         s = self.settings
         if s.broker_url:
-            from integration.tasks import CeleryDispatcher, make_celery
-
             return CeleryDispatcher(make_celery(s))
         if not s.inprocess_worker:
             return _NoDispatch()

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "BATCH_SEGMENTS",
-    "ER7Error",
     "Delimiters",
+    "ER7Error",
     "Header",
     "codec_for",
     "decode",
@@ -295,7 +295,7 @@ def read_header(text: str) -> Header:
             f"MSH-1 field separator {field_sep!r} is not usable", location="MSH-1", code="102"
         )
     match = _LINE_SPLIT_TEXT.search(text)
-    line = text[: match.start()] if match else text
+    line = text[: match.start()] if match else _unjoin(text, field_sep)[0]
     parts = line.split(field_sep)
     delims = _delimiters(parts[1], field_sep)
     fields = ("MSH", field_sep, *parts[1:])
@@ -307,6 +307,18 @@ def read_header(text: str) -> Header:
     return header
 
 
+def _unjoin(line: str, field_sep: str) -> list[str]:
+    """Split a one-line message whose segment ends were replaced by spaces (seen in a real
+    export: ``...|2.3||| EVN|A01...``). Only a space right after a field separator and before a
+    segment id counts, so spaces inside text fields are left alone."""
+    sep = re.escape(field_sep)
+    pattern = re.compile(sep + r" +(?=[A-Z][A-Z0-9]{2}" + sep + ")")
+    pieces = pattern.split(line)
+    if len(pieces) == 1:
+        return pieces
+    return [p + field_sep for p in pieces[:-1]] + [pieces[-1]]
+
+
 def split_segments(text: str) -> list[str]:
     """Split a decoded message into segments on CR, LF or CRLF, dropping empty lines.
 
@@ -316,7 +328,10 @@ def split_segments(text: str) -> list[str]:
     text = text.lstrip("\ufeff")
     field_sep = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
     segments: list[str] = []
-    for line in _LINE_SPLIT_TEXT.split(text):
+    lines = _LINE_SPLIT_TEXT.split(text)
+    if len([ln for ln in lines if ln.strip()]) == 1:
+        lines = _unjoin(lines[0] if lines[0].strip() else lines[-1], field_sep)
+    for line in lines:
         if not line.strip():
             continue
         head = line[:3]

@@ -76,9 +76,17 @@ def pg_template(pg_server_url: str) -> Iterator[str]:
 def pg_url(pg_template: str) -> str:
     """The session's PostgreSQL database, emptied before each test."""
     engine = create_engine(pg_template)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE inbox, audit_events, api_clients RESTART IDENTITY"))
-    engine.dispose()
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE inbox, audit_events, api_clients RESTART IDENTITY"))
+    except Exception:
+        # A test broke the schema on purpose (storage-failure tests): build it again.
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        upgrade(pg_template)
+    finally:
+        engine.dispose()
     return pg_template
 
 

@@ -13,7 +13,8 @@ from mappings.er7 import read_header, split_segments
 
 NOW = datetime(2024, 3, 1, 9, 30, 0, tzinfo=ZoneInfo("Asia/Dubai"))
 MSG = (
-    "MSH|^~\\&#|LAB|NORTH|CARELOOP|HOSP|20240301||ORU^R01^ORU_R01|C123|P|2.7|||AL|ER||UNICODE UTF-8\r"
+    "MSH|^~\\&#|LAB|NORTH|CARELOOP|HOSP|20240301||ORU^R01^ORU_R01|C123|P|2.7|||AL|ER|"
+    "|UNICODE UTF-8\r"
     "PID|1||9^^^MRN\r"
 )
 

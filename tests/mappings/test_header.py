@@ -149,3 +149,18 @@ class TestSplit:
         h = read_header(text + "\r")
         assert h.message_type == "ADT^A01"
         assert h.control_id == control
+
+
+class TestSpaceJoinedSegments:
+    def test_one_line_message_split_at_space_before_segment_id(self) -> None:
+        """Segments joined by spaces on one line (a real export) are split again, and MSH-15
+        is not mistaken for the next segment's id."""
+        text = "MSH|^~\\&|A|1|||2005||ADT^A01|599102|P|2.3||| EVN|A01|2005| PID|1||10006^^^1^MRN"
+        assert [s[:3] for s in split_segments(text)] == ["MSH", "EVN", "PID"]
+        h = read_header(text)
+        assert h.version == "2.3"
+        assert not h.enhanced_mode
+
+    def test_spaces_inside_text_left_alone(self) -> None:
+        text = "MSH|^~\\&|A|1|||2005||ADT^A01|1|P|2.3\rNTE|1||see ABC|here\r"
+        assert split_segments(text)[1] == "NTE|1||see ABC|here"

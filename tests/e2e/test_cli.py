@@ -1,0 +1,89 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import CARELOOP, Serve, base_env
+from tests.helpers import adt
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, stdin: bytes | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CARELOOP, *args], env=env, cwd=cwd, capture_output=True, text=True,
+        input=stdin.decode() if stdin else None, timeout=60, check=False,
+    )
+
+
+def test_send_list_show_replay(sqlite_url: str, tmp_path: Path,
+                               serve_factory: type[Serve]) -> None:
+    """`hl7 send` prints each ACK; `inbox list/show` find the messages; `replay` reprocesses
+    failed ones."""
+    env = base_env(sqlite_url)
+    server = serve_factory(env).start()
+    msgs = tmp_path / "msgs.hl7"
+    msgs.write_bytes(adt("CLI1").replace(b"\r", b"\n") + adt("CLI2", trigger="A99"))
+    host, port = server.mllp
+    sent = run(["hl7", "send", str(msgs), "--to", f"{host}:{port}"], env, tmp_path)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.count("MSA|AA|") == 2
+
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes(adt("CLI3", pid=False))
+    sent_bad = run(["hl7", "send", str(bad), "--to", f"{host}:{port}"], env, tmp_path)
+    assert sent_bad.returncode == 1
+    assert "MSA|AE|CLI3" in sent_bad.stdout
+
+    server.stop()
+    listed = run(["inbox", "list"], env, tmp_path)
+    assert listed.returncode == 0
+    assert "CLI1" in listed.stdout and "CLI3" in listed.stdout
+    assert "Doe" not in listed.stdout  # no PHI in the listing
+
+    failed = run(["inbox", "list", "--status", "failed"], env, tmp_path)
+    assert "CLI2" in failed.stdout and "unsupported message type ADT^A99" in failed.stdout
+
+    shown = run(["inbox", "show", "1"], env, tmp_path)
+    assert "PID|1||123^^^MRN||Doe^Jane" in shown.stdout
+    assert "ack sent:" in shown.stdout
+
+    replayed = run(["replay", "--status", "failed"], env, tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "2 failed" in replayed.stdout
+
+
+def test_bad_setting_exits_2_with_one_line(tmp_path: Path, sqlite_url: str) -> None:
+    env = base_env(sqlite_url) | {"CARELOOP_MLLP_PORT": "abc"}
+    result = run(["inbox", "list"], env, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "CARELOOP_MLLP_PORT" in result.stderr
+
+
+def test_unreachable_database_exits_3(tmp_path: Path) -> None:
+    env = base_env("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    result = run(["inbox", "list"], env, tmp_path)
+    assert result.returncode == 3
+    assert "cannot be reached" in result.stderr
+
+
+def test_clients_create_prints_secret_once(tmp_path: Path, sqlite_url: str) -> None:
+    env = base_env(sqlite_url)
+    result = run(["clients", "create", "engine", "--scopes", "hl7.write"], env, tmp_path)
+    assert result.returncode == 0
+    assert "client_id: cl_" in result.stdout and "secret:" in result.stdout
+    wrong = run(["clients", "create", "x", "--scopes", "everything"], env, tmp_path)
+    assert wrong.returncode == 2 and "unknown scope" in wrong.stderr
+
+
+def test_send_to_nobody_exits_3(tmp_path: Path) -> None:
+    msgs = tmp_path / "m.hl7"
+    msgs.write_bytes(adt("X"))
+    result = run(["hl7", "send", str(msgs), "--to", "127.0.0.1:1"], {}, tmp_path)
+    assert result.returncode == 3

@@ -1,0 +1,184 @@
+"""The processing stage, the sweeper and replay."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert, select, update
+
+from integration.intake import assess
+from integration.models import inbox
+from integration.pipeline import (
+    InProcessDispatcher,
+    due_ids,
+    process_message,
+    queue_depth,
+    requeue,
+)
+from tests.helpers import adt
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def store(engine: Engine, raw: bytes, **values: Any) -> int:
+    row = assess(raw, "mllp", "test").row(NOW, timedelta(seconds=60))
+    row.update(values)
+    with engine.begin() as conn:
+        return int(conn.execute(insert(inbox).values(row).returning(inbox.c.id)).scalar_one())
+
+
+def get(engine: Engine, inbox_id: int) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(inbox).where(inbox.c.id == inbox_id)).one()
+
+
+class TestProcessMessage:
+    def test_routes_and_marks_processed(self, engine: Engine) -> None:
+        inbox_id = store(engine, adt("P1"))
+        outcome = process_message(engine, inbox_id, now=NOW)
+        assert outcome is not None and outcome.status == "processed"
+        row = get(engine, inbox_id)
+        assert row.status == "processed"
+        assert row.attempts == 1
+        assert row.processed_at is not None
+
+    def test_second_run_changes_nothing(self, engine: Engine) -> None:
+        """A redelivered task finds the row done and does nothing."""
+        inbox_id = store(engine, adt("P2"))
+        process_message(engine, inbox_id, now=NOW)
+        assert process_message(engine, inbox_id, now=NOW) is None
+        assert get(engine, inbox_id).attempts == 1
+
+    def test_unsupported_type_failed_with_clear_error(self, engine: Engine) -> None:
+        raw = adt("P3").replace(b"ADT^A01^ADT_A01", b"MFN^M02")
+        inbox_id = store(engine, raw)
+        outcome = process_message(engine, inbox_id, now=NOW)
+        assert outcome is not None and outcome.status == "failed"
+        assert get(engine, inbox_id).last_error == "unsupported message type MFN^M02"
+
+    def test_unsupported_trigger(self, engine: Engine) -> None:
+        inbox_id = store(engine, adt("P4", trigger="A99"))
+        process_message(engine, inbox_id, now=NOW)
+        assert get(engine, inbox_id).last_error == "unsupported message type ADT^A99"
+
+    def test_application_ack_built_when_asked(self, engine: Engine) -> None:
+        """Enhanced mode with MSH-16 AL: the application ACK is kept on the row."""
+        inbox_id = store(engine, adt("P5", extra_msh="|||AL|AL"))
+        process_message(engine, inbox_id, now=NOW)
+        app_ack = get(engine, inbox_id).app_ack
+        assert "MSA|AA|P5" in app_ack
+
+    def test_unexpected_error_retried_with_backoff(
+        self, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug or outage leaves the row received with a later next_attempt_at, and fails it
+        after max_attempts."""
+        from integration import pipeline
+
+        def boom(*_a: object) -> str:
+            raise RuntimeError("kaboom")
+
+        monkeypatch.setattr(pipeline, "route", boom)
+        inbox_id = store(engine, adt("P6"))
+        process_message(engine, inbox_id, max_attempts=2, now=NOW)
+        row = get(engine, inbox_id)
+        assert row.status == "received"
+        assert "kaboom" in row.last_error
+        assert row.next_attempt_at.replace(tzinfo=UTC) > NOW
+        process_message(engine, inbox_id, max_attempts=2, now=NOW)
+        assert get(engine, inbox_id).status == "failed"
+
+
+class TestSweepAndReplay:
+    def test_due_ids_finds_rows_pending_too_long(self, engine: Engine) -> None:
+        fresh = store(engine, adt("S1"))
+        old = store(engine, adt("S2"), next_attempt_at=NOW - timedelta(seconds=1))
+        done = store(engine, adt("S3"), next_attempt_at=NOW - timedelta(seconds=1),
+                     status="processed")
+        ids = due_ids(engine, now=NOW)
+        assert old in ids and fresh not in ids and done not in ids
+
+    def test_requeue_failed_then_process(self, engine: Engine) -> None:
+        inbox_id = store(engine, adt("R1"))
+        with engine.begin() as conn:
+            conn.execute(update(inbox).values(status="failed", attempts=3, last_error="x"))
+        assert requeue(engine, status="failed", now=NOW) == [inbox_id]
+        row = get(engine, inbox_id)
+        assert (row.status, row.attempts) == ("received", 0)
+        process_message(engine, inbox_id, now=NOW)
+        assert get(engine, inbox_id).status == "processed"
+
+    def test_rejected_rows_never_requeued(self, engine: Engine) -> None:
+        store(engine, b"garbage")
+        assert requeue(engine, status="", now=NOW) == []
+
+    def test_queue_depth(self, engine: Engine) -> None:
+        store(engine, adt("Q1"))
+        count, age = queue_depth(engine, now=NOW + timedelta(seconds=30))["intake"]
+        assert count == 1
+        assert 29 <= age <= 31
+
+
+class TestInProcessDispatcher:
+    def test_processes_and_sweeps(self, engine: Engine) -> None:
+        """Dispatched ids are processed; rows only the sweep finds are processed too."""
+        later = datetime.now(UTC) + timedelta(hours=1)
+        a = store(engine, adt("W1"), next_attempt_at=later)
+        b = store(engine, adt("W2"), next_attempt_at=NOW - timedelta(seconds=1))
+        done = threading.Event()
+        processed: list[int] = []
+
+        def work(inbox_id: int) -> None:
+            if process_message(engine, inbox_id) is not None:
+                processed.append(inbox_id)
+            if len(processed) >= 2:
+                done.set()
+
+        swept = []
+
+        def sweep() -> list[int]:
+            ids = due_ids(engine)
+            swept.extend(ids)
+            return ids
+
+        dispatcher = InProcessDispatcher(work, threads=2, sweep=sweep, sweep_interval_s=0.05)
+        dispatcher.start()
+        try:
+            dispatcher.dispatch([a])
+            assert done.wait(10)
+        finally:
+            dispatcher.stop()
+        assert sorted(processed) == sorted([a, b])
+        assert b in swept and a not in swept
+
+
+@pytest.mark.postgres
+class TestConcurrentClaims:
+    def test_each_row_processed_once_by_competing_workers(self, pg_url: str) -> None:
+        """Eight threads racing over the same rows process each exactly once (SKIP LOCKED)."""
+        from integration.db import create_db_engine
+
+        engine = create_db_engine(pg_url, pool_size=8)
+        ids = [store(engine, adt(f"K{i}")) for i in range(40)]
+        outcomes: list[int] = []
+        lock = threading.Lock()
+
+        def worker() -> None:
+            for inbox_id in ids:
+                if process_message(engine, inbox_id) is not None:
+                    with lock:
+                        outcomes.append(inbox_id)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == sorted(ids)
+        with engine.connect() as conn:
+            attempts = conn.execute(select(inbox.c.attempts)).scalars().all()
+        assert set(attempts) == {1}
+        engine.dispose()

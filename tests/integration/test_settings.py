@@ -1,0 +1,84 @@
+"""Settings: environment, TOML file, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from integration.settings import SettingsError, load_settings
+
+
+class TestSettings:
+    def test_defaults(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for var in ("CARELOOP_DATABASE_URL", "CARELOOP_BROKER_URL", "CARELOOP_CONFIG"):
+            monkeypatch.delenv(var, raising=False)
+        s = load_settings()
+        assert s.database_url == "sqlite:///var/careloop.db"
+        assert s.broker_url is None
+        assert (s.http_port, s.mllp_port) == (8000, 2575)
+        assert s.auth == "required"
+
+    def test_environment_beats_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "careloop.toml"
+        cfg.write_text('timezone = "America/New_York"\nmllp_port = 3000\n'
+                       '[[hl7_senders]]\napplication = "EPIC"\nfacility = "MAIN"\n'
+                       'identifier_systems = { MRN = "urn:oid:1.2.3" }\n')
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        monkeypatch.setenv("CARELOOP_MLLP_PORT", "4000")
+        s = load_settings()
+        assert s.timezone == "America/New_York"
+        assert s.mllp_port == 4000
+        rule = s.sender("EPIC", "MAIN")
+        assert rule is not None and rule.identifier_systems["MRN"] == "urn:oid:1.2.3"
+        assert s.sender("OTHER", "MAIN") is None
+
+    def test_bad_env_value_one_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("CARELOOP_MLLP_PORT", "lots")
+        with pytest.raises(SettingsError) as info:
+            load_settings()
+        message = str(info.value)
+        assert message.startswith("CARELOOP_MLLP_PORT:")
+        assert "\n" not in message
+
+    def test_bad_file_key_named(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('timezone = "Mars/Olympus"\n')
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        with pytest.raises(SettingsError, match=r"^timezone: unknown time zone"):
+            load_settings()
+
+    def test_unknown_key_rejected(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("mlp_port = 1\n")
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        with pytest.raises(SettingsError, match="mlp_port: unknown setting"):
+            load_settings()
+
+    def test_missing_config_file(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("CARELOOP_CONFIG", "/nonexistent/careloop.toml")
+        with pytest.raises(SettingsError, match="does not exist"):
+            load_settings()
+
+    def test_broken_toml(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("timezone = \n")
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        with pytest.raises(SettingsError, match="CARELOOP_CONFIG"):
+            load_settings()
+
+    def test_secret_from_env(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('broker_url = "env:MY_BROKER"\n')
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        monkeypatch.setenv("MY_BROKER", "redis://127.0.0.1:6379/3")
+        assert load_settings().broker_url == "redis://127.0.0.1:6379/3"
+        monkeypatch.delenv("MY_BROKER")
+        with pytest.raises(SettingsError, match="MY_BROKER"):
+            load_settings()
+
+    def test_tls_cert_needs_key(self, tmp_path: Path) -> None:
+        cert = tmp_path / "c.pem"
+        cert.write_text("x")
+        with pytest.raises(SettingsError, match="go together"):
+            load_settings(mllp_tls_cert=cert)
