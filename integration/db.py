@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +14,27 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-__all__ = ["create_db_engine", "ping", "upgrade"]
+__all__ = ["create_db_engine", "ping", "upgrade", "write_lock"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+_SQLITE_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def write_lock(engine: Engine) -> AbstractContextManager[object]:
+    """Serialise this process's writes to one SQLite file (a no-op on PostgreSQL).
+
+    SQLite has one writer at a time. Writers in other processes wait in SQLite's busy handler,
+    which sleeps in steps of up to 100 ms; writers in this process (the group committer and the
+    worker threads) take turns on this lock instead, so an ACK never waits on those sleeps.
+    """
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    key = str(engine.url)
+    with _LOCKS_GUARD:
+        return _SQLITE_WRITE_LOCKS.setdefault(key, threading.Lock())
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from integration.db import write_lock
 from integration.logs import get_logger
 from integration.metrics import ACK_LATENCY, DUPLICATES, MESSAGES
 from integration.models import InboxStatus, inbox
@@ -257,7 +258,7 @@ class GroupCommitter:
         unique: dict[str, dict[str, Any]] = {}
         for row in rows:
             unique.setdefault(row["dedup_key"], row)
-        with self._engine.begin() as conn:
+        with write_lock(self._engine), self._engine.begin() as conn:
             result = conn.execute(self._insert, list(unique.values()))
             inserted = {key: row_id for row_id, key in result}
         self.stats.commits += 1

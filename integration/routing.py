@@ -7,9 +7,7 @@ added (``careloop replay``).
 
 from __future__ import annotations
 
-import re
-
-from mappings.er7 import Header, split_segments
+from mappings.er7 import Header, split_lines, split_segments
 
 __all__ = [
     "FAMILIES",
@@ -40,8 +38,6 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "VXU": ("immunization", frozenset({"V04"})),
 }
 
-
-_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 
 # Segments a message family cannot be processed without (HL7 v2.5.1 abstract message syntax).
 # Missing one is a content error (AE, table 0357 code 100), found before the ACK at the cost of a
@@ -79,21 +75,23 @@ def required_segments(header: Header) -> tuple[str, ...]:
 
 
 def check_structure(header: Header, text: str) -> MessageError | None:
-    """The first structural problem (a line that is not a segment, a missing required
-    segment), or None. Cheap enough for the ACK path: one line split, no field parsing."""
-    seen: set[str] = set()
-    for index, segment in enumerate(split_segments(text), start=1):
-        seg_id = segment[:3]
-        if not _SEGMENT_ID.match(seg_id):
+    """The first structural problem (a segment the message family cannot do without), or None.
+
+    Cheap enough for the ACK path: one split into lines, no field parsing. Lines that do not
+    start a segment are hard wraps (see :func:`mappings.er7.split_segments`), not errors.
+    """
+    required = required_segments(header)
+    if not required:
+        return None
+    sep = header.delimiters.field
+    lines = split_lines(text)
+    if len(lines) <= 2:  # one line: possibly segments joined by spaces
+        lines = split_segments(text)
+    seen = {line[:3] for line in lines if line[3:4] == sep}
+    for segment in required:
+        if segment not in seen:
             return MessageError(
-                f"segment {index} starts with {seg_id!r}, not a segment id",
-                location=seg_id, code="100",
-            )
-        seen.add(seg_id)
-    for required in required_segments(header):
-        if required not in seen:
-            return MessageError(
-                f"{header.message_type} has no {required} segment", location=required, code="100"
+                f"{header.message_type} has no {segment} segment", location=segment, code="100"
             )
     return None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from functools import partial
 
 from sqlalchemy import Engine
 
@@ -19,7 +18,7 @@ from integration.pipeline import (
     Dispatcher,
     InProcessDispatcher,
     due_ids,
-    process_message,
+    process_batch,
     queue_depth,
 )
 from integration.settings import Settings
@@ -64,18 +63,15 @@ class Runtime:
         if not s.inprocess_worker:
             return _NoDispatch()
         self._inprocess = InProcessDispatcher(
-            partial(self.process, now=None),
+            self.process,
             threads=s.worker_threads,
             sweep=lambda: due_ids(self.engine),
             sweep_interval_s=s.sweep_interval_s,
         )
         return self._inprocess
 
-    def process(self, inbox_id: int, now: datetime | None = None) -> object:
-        return process_message(
-            self.engine, inbox_id, max_attempts=self.settings.max_attempts,
-            now=now or datetime.now(UTC),
-        )
+    def process(self, inbox_ids: list[int]) -> object:
+        return process_batch(self.engine, inbox_ids, max_attempts=self.settings.max_attempts)
 
     async def start(self) -> None:
         if self.started:

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from integration.db import create_db_engine
 from integration.logs import get_logger
-from integration.pipeline import due_ids, process_message
+from integration.pipeline import due_ids, process_batch
 from integration.settings import Settings
 
 __all__ = ["QUEUES", "CeleryDispatcher", "make_celery"]
@@ -74,9 +74,9 @@ def make_celery(settings: Settings) -> Celery:
 
     @app.task(name="careloop.process", ignore_result=True)  # type: ignore[untyped-decorator]
     def process(inbox_ids: list[int]) -> None:
-        engine = engines.get()
-        for inbox_id in inbox_ids:
-            process_message(engine, int(inbox_id), max_attempts=settings.max_attempts)
+        process_batch(
+            engines.get(), [int(i) for i in inbox_ids], max_attempts=settings.max_attempts
+        )
 
     @app.task(name="careloop.sweep", ignore_result=True)  # type: ignore[untyped-decorator]
     def sweep() -> int:

@@ -14,6 +14,7 @@ from integration.models import inbox
 from integration.pipeline import (
     InProcessDispatcher,
     due_ids,
+    process_batch,
     process_message,
     queue_depth,
     requeue,
@@ -131,9 +132,8 @@ class TestInProcessDispatcher:
         done = threading.Event()
         processed: list[int] = []
 
-        def work(inbox_id: int) -> None:
-            if process_message(engine, inbox_id) is not None:
-                processed.append(inbox_id)
+        def work(inbox_ids: list[int]) -> None:
+            processed.extend(o.inbox_id for o in process_batch(engine, inbox_ids))
             if len(processed) >= 2:
                 done.set()
 
