@@ -38,6 +38,7 @@ from integration.routing import check_structure
 from mappings.ack import (
     AckCode,
     AckError,
+    application_ack_wanted,
     build_ack,
     build_ack_for_unreadable,
 )
@@ -323,9 +324,10 @@ class IntakeService:
         assessed = [assess(raw, source, peer) for raw in messages]
         rows = [a.row(now, self._stale_after) for a in assessed]
         planned = [self._reply(a, now, duplicate=False) for a in assessed]
-        for row, receipt in zip(rows, planned, strict=True):
+        for a, row, receipt in zip(assessed, rows, planned, strict=True):
             row["ack"] = receipt.ack
             row["ack_code"] = receipt.code.value
+            row["app_ack"] = self._early_application_ack(a, now)
         try:
             stored = await self._committer.submit(rows)
         except StorageUnavailable as exc:
@@ -386,6 +388,18 @@ class IntakeService:
             code = AckCode.AA
         ack = build_ack(h, code, control_id=cid, now=now, errors=errors)
         return Receipt(code, ack, a.codec, duplicate=duplicate)
+
+    def _early_application_ack(self, a: Assessment, now: datetime) -> str | None:
+        """Enhanced mode, content error found at intake: the row is failed at once, so its
+        application ACK (AE) is built now rather than by the processing stage."""
+        h = a.header
+        if h is None or a.error is None or a.rejected:
+            return None
+        if not application_ack_wanted(h, ok=False):
+            return None
+        return build_ack(
+            h, AckCode.AE, control_id=self._ack_control_id(), now=now, errors=(a.error,)
+        )
 
     def _unavailable(self, a: Assessment, now: datetime) -> Receipt:
         err = AckError(

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 __all__ = ["InboxStatus", "api_clients", "audit_events", "inbox", "metadata"]
@@ -75,6 +76,12 @@ inbox = Table(
     Index("ix_inbox_status_next", "status", "next_attempt_at"),
     Index("ix_inbox_received_at", "received_at"),
     Index("ix_inbox_control_id", "control_id"),
+    Index(
+        "ix_inbox_app_ack_pending",
+        "id",
+        sqlite_where=text("app_ack IS NOT NULL AND app_ack_sent_at IS NULL"),
+        postgresql_where=text("app_ack IS NOT NULL AND app_ack_sent_at IS NULL"),
+    ),
 )
 
 audit_events = Table(

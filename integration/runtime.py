@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 
 from adapters.mllp import MLLPServer, ServerLimits, server_ssl_context
+from integration.appacks import deliver_app_acks
 from integration.clients import ClientRegistry
 from integration.db import create_db_engine
 from integration.intake import GroupCommitter, IntakeService, Receipt
@@ -65,13 +66,19 @@ class Runtime:
         self._inprocess = InProcessDispatcher(
             self.process,
             threads=s.worker_threads,
-            sweep=lambda: due_ids(self.engine),
+            sweep=self._sweep,
             sweep_interval_s=s.sweep_interval_s,
         )
         return self._inprocess
 
     def process(self, inbox_ids: list[int]) -> object:
-        return process_batch(self.engine, inbox_ids, max_attempts=self.settings.max_attempts)
+        outcomes = process_batch(self.engine, inbox_ids, max_attempts=self.settings.max_attempts)
+        deliver_app_acks(self.engine, self.settings)
+        return outcomes
+
+    def _sweep(self) -> list[int]:
+        deliver_app_acks(self.engine, self.settings)
+        return due_ids(self.engine)
 
     async def start(self) -> None:
         if self.started:

@@ -20,6 +20,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine
 
+from integration.appacks import deliver_app_acks
 from integration.db import create_db_engine
 from integration.logs import get_logger
 from integration.pipeline import due_ids, process_batch
@@ -74,12 +75,13 @@ def make_celery(settings: Settings) -> Celery:
 
     @app.task(name="careloop.process", ignore_result=True)  # type: ignore[untyped-decorator]
     def process(inbox_ids: list[int]) -> None:
-        process_batch(
-            engines.get(), [int(i) for i in inbox_ids], max_attempts=settings.max_attempts
-        )
+        engine = engines.get()
+        process_batch(engine, [int(i) for i in inbox_ids], max_attempts=settings.max_attempts)
+        deliver_app_acks(engine, settings)
 
     @app.task(name="careloop.sweep", ignore_result=True)  # type: ignore[untyped-decorator]
     def sweep() -> int:
+        deliver_app_acks(engines.get(), settings)
         ids = due_ids(engines.get())
         for start in range(0, len(ids), _BATCH):
             process.apply_async(args=[ids[start : start + _BATCH]], queue="intake")

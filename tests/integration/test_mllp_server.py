@@ -19,7 +19,8 @@ from tests.helpers import adt, err, msa, settings_for
 
 
 async def _start(url: str, **overrides: object) -> Runtime:
-    rt = Runtime(settings_for(url, inprocess_worker=False, **overrides))
+    overrides.setdefault("inprocess_worker", False)
+    rt = Runtime(settings_for(url, **overrides))
     await rt.start()
     return rt
 
@@ -259,3 +260,73 @@ class TestTLS:
         finally:
             await rt.stop()
             rt.engine.dispose()
+
+
+class TestApplicationAcks:
+    async def test_application_ack_delivered_to_sender_listener(self, sqlite_url: str) -> None:
+        """Enhanced mode with MSH-16 AL: CA at once, then the application ACK arrives at the
+        sender's own MLLP listener (``ack_to``)."""
+        from adapters.mllp import MLLPServer
+        from integration.settings import HL7Sender
+
+        received: list[bytes] = []
+        got = asyncio.Event()
+
+        async def listener(payload: bytes, peer: str) -> bytes | None:
+            received.append(payload)
+            if len(received) >= 2:
+                got.set()
+            return None
+
+        engine_side = MLLPServer(listener)
+        host, port = await engine_side.start("127.0.0.1", 0)
+        rt = await _start(
+            sqlite_url,
+            inprocess_worker=True,
+            hl7_senders=(HL7Sender(application="EPIC", facility="MAIN", ack_to=f"{host}:{port}"),),
+        )
+        try:
+            async with await MLLPClient.connect(*addr(rt)) as client:
+                accept = await client.send(adt("APP1", extra_msh="|||AL|AL"), b"APP1")
+                assert msa(accept)[1:3] == ["CA", "APP1"]
+                bad = await client.send(adt("APP2", extra_msh="|||AL|AL", pid=False), b"APP2")
+                assert msa(bad)[1] == "CA"
+            await asyncio.wait_for(got.wait(), 10)
+            by_id = {msa(p)[2]: p for p in received}
+            assert msa(by_id["APP1"])[1] == "AA"
+            assert msa(by_id["APP2"])[1] == "AE"
+            assert "PID" in err(by_id["APP2"])[2]
+            deadline = asyncio.get_running_loop().time() + 5
+            sent: list[object] = []
+            while asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                with rt.engine.connect() as conn:
+                    sent = list(conn.execute(select(inbox.c.app_ack_sent_at)).scalars())
+                if all(sent):
+                    break
+                await asyncio.sleep(0.05)
+            assert all(sent), "delivered application ACKs are marked sent"
+        finally:
+            await rt.stop()
+            rt.engine.dispose()
+            await engine_side.close()
+
+
+class TestClientMatching:
+    async def test_late_ack_never_taken_for_the_next_message(self) -> None:
+        """A stale ACK (for an earlier message) is skipped; the client waits for its own."""
+        from adapters.mllp import MLLPServer
+
+        async def handler(payload: bytes, peer: str) -> bytes | None:
+            control = payload.split(b"\r")[0].split(b"|")[9]
+            stale = b"MSH|^~\\&|X\rMSA|AA|OLD-ONE\r"
+            return frame(stale)[1:-2] + b"\x1c\r\x0b" + b"MSH|^~\\&|X\rMSA|AA|" + control + b"\r"
+
+        server = MLLPServer(handler)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            async with await MLLPClient.connect(host, port) as client:
+                ack = await client.send(adt("NEW"), b"NEW", timeout=5)
+                assert msa(ack)[2] == "NEW"
+                assert client.stray_acks == 1
+        finally:
+            await server.close()
