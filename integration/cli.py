@@ -306,6 +306,72 @@ def _msa_code(ack: bytes) -> str:
     return ""
 
 
+@hl7.command("convert")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--ndjson", is_flag=True,
+              help="One compact Bundle per line instead of indented JSON.")
+@click.option("--no-validate", is_flag=True,
+              help="Skip FHIR validation of the produced resources (faster previews).")
+def hl7_convert(files: Sequence[str], ndjson: bool, no_validate: bool) -> None:
+    """Print the FHIR R4 resources each message maps to, as a Bundle (type collection) per
+    message.
+
+    FILE may hold several messages (and batches); '-' reads stdin. Times without an offset are
+    read in the sender's time zone from the settings. Exits 1, with one line per bad message on
+    stderr, when any message cannot be converted.
+    """
+    import json
+
+    from integration.conversion import ContextFactory
+    from mappings import MappingError, convert
+    from mappings.er7 import ER7Error, decode, read_header
+
+    settings = _settings()
+    contexts = ContextFactory(settings, validate=not no_validate)
+    failed = 0
+    now = datetime.now(UTC)
+    for name, raw in _read_inputs(files):
+        try:
+            text = decode(raw)
+            conversion = convert(text, context=contexts.for_header(read_header(text), now))
+        except (MappingError, ER7Error) as exc:
+            location = getattr(exc, "location", "")
+            click.echo(f"{name}: {location + ': ' if location else ''}{exc}", err=True)
+            failed += 1
+            continue
+        bundle = conversion.bundle()
+        if ndjson:
+            click.echo(json.dumps(bundle, separators=(",", ":"), ensure_ascii=False))
+        else:
+            click.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
+        for warning in conversion.warnings:
+            click.echo(f"{name}: warning: {warning}", err=True)
+    if failed:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@hl7.command("validate")
+@click.argument("files", nargs=-1, required=True)
+def hl7_validate(files: Sequence[str]) -> None:
+    """Check messages strictly against the HL7 v2 standard's structures (hl7apy).
+
+    Slower than conversion and stricter than careloop's intake, which accepts what real feeds
+    send; use it to tell a sender what to fix. Exits 1 when any message has problems.
+    """
+    from mappings import validate_strict
+
+    problems = 0
+    for name, raw in _read_inputs(files):
+        found = validate_strict(raw)
+        if not found:
+            click.echo(f"{name}: ok")
+        for problem in found:
+            click.echo(f"{name}: {problem}")
+        problems += bool(found)
+    if problems:
+        sys.exit(EXIT_BAD_INPUT)
+
+
 # -- replay and inbox --------------------------------------------------------------------------
 def _parse_since(value: str | None) -> datetime | None:
     if value is None:
@@ -329,8 +395,10 @@ def replay(status: str, since: str | None, ids: tuple[int, ...]) -> None:
     engine = _engine(settings)
     from rich.progress import Progress
 
+    from integration.conversion import ContextFactory
     from integration.pipeline import process_message, requeue
 
+    contexts = ContextFactory(settings)
     selected = requeue(engine, status=status, since=_parse_since(since), ids=ids or None)
     if not selected:
         click.echo("nothing to replay")
@@ -339,7 +407,9 @@ def replay(status: str, since: str | None, ids: tuple[int, ...]) -> None:
     with Progress(transient=False) as progress:
         bar = progress.add_task(f"replaying {len(selected)} messages", total=len(selected))
         for inbox_id in selected:
-            outcome = process_message(engine, inbox_id, max_attempts=settings.max_attempts)
+            outcome = process_message(
+                engine, inbox_id, max_attempts=settings.max_attempts, contexts=contexts
+            )
             key = outcome.status if outcome else "skipped"
             outcomes[key] = outcomes.get(key, 0) + 1
             progress.advance(bar)

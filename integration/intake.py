@@ -18,6 +18,7 @@ is rolled back as a whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from integration.db import write_lock
@@ -196,6 +197,7 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
         self._insert = self._build_insert()
+        self._conn: Connection | None = None
         self.stats = CommitStats()
 
     def _build_insert(self) -> Any:
@@ -220,6 +222,7 @@ class GroupCommitter:
             self._task.cancel()
             with _suppress_cancel():
                 await self._task
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_connection)
         self._executor.shutdown(wait=True)
 
     async def submit(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int | None, bool]]:
@@ -255,13 +258,33 @@ class GroupCommitter:
                     if not p.future.done():
                         p.future.set_result(result)
 
+    def _connection(self) -> Connection:
+        # The commit thread keeps one connection: no pool checkout or ping per batch.
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
+
     def _commit(self, rows: list[dict[str, Any]]) -> list[tuple[int | None, bool]]:
         unique: dict[str, dict[str, Any]] = {}
         for row in rows:
             unique.setdefault(row["dedup_key"], row)
-        with write_lock(self._engine), self._engine.begin() as conn:
-            result = conn.execute(self._insert, list(unique.values()))
-            inserted = {key: row_id for row_id, key in result}
+        with write_lock(self._engine):
+            conn = self._connection()
+            try:
+                with conn.begin():
+                    result = conn.execute(self._insert, list(unique.values()))
+                    inserted = {key: row_id for row_id, key in result}
+            except Exception:
+                # Start the next batch on a fresh connection (the server may have gone away).
+                self._drop_connection()
+                raise
         self.stats.commits += 1
         self.stats.rows += len(inserted)
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -21,10 +22,18 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 
-__all__ = ["InboxStatus", "api_clients", "audit_events", "inbox", "metadata"]
+__all__ = [
+    "InboxStatus",
+    "api_clients",
+    "audit_events",
+    "inbox",
+    "mapped_resources",
+    "metadata",
+]
 
 # Stable constraint names, so that migrations can refer to them on every database.
 metadata = MetaData(
@@ -69,6 +78,7 @@ inbox = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
     Column("app_ack", Text, nullable=True, doc="enhanced mode: the application ACK, once built"),
+    Column("warnings", JSON, nullable=True, doc="fields the mapping could not read"),
     Column("app_ack_sent_at", DateTime(timezone=True), nullable=True),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("processed_at", DateTime(timezone=True), nullable=True),
@@ -83,6 +93,25 @@ inbox = Table(
         postgresql_where=text("app_ack IS NOT NULL AND app_ack_sent_at IS NULL"),
     ),
 )
+
+mapped_resources = Table(
+    "mapped_resources",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column(
+        "inbox_id",
+        BigId,
+        ForeignKey("inbox.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("resource", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("inbox_id", "resource_type", "resource_id"),
+    Index("ix_mapped_resources_resource", "resource_type", "resource_id"),
+)
+"""FHIR R4 resources each processed inbox row became, for the timeline stage to consume."""
 
 audit_events = Table(
     "audit_events",

@@ -20,18 +20,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from integration.conversion import ContextFactory
 from integration.db import write_lock
 from integration.logs import get_logger
 from integration.metrics import PROCESSED
-from integration.models import InboxStatus, inbox
-from integration.routing import MessageError, route
+from integration.models import InboxStatus, inbox, mapped_resources
+from integration.routing import MessageError, check_structure
+from mappings import MappingError, convert
 from mappings.ack import AckCode, AckError, application_ack_wanted, build_ack
 from mappings.er7 import ER7Error, decode, read_header
 
@@ -60,6 +62,7 @@ class Outcome:
     inbox_id: int
     status: str
     error: str | None = None
+    resources: int = 0
 
 
 def _backoff(attempts: int) -> timedelta:
@@ -72,10 +75,13 @@ def process_message(
     *,
     max_attempts: int = 5,
     now: datetime | None = None,
+    contexts: ContextFactory | None = None,
 ) -> Outcome | None:
     """Run the processing stage for one inbox row; None when there was nothing to do (already
     processed, or claimed by another worker right now)."""
-    outcomes = process_batch(engine, [inbox_id], max_attempts=max_attempts, now=now)
+    outcomes = process_batch(
+        engine, [inbox_id], max_attempts=max_attempts, now=now, contexts=contexts
+    )
     return outcomes[0] if outcomes else None
 
 
@@ -85,6 +91,7 @@ def process_batch(
     *,
     max_attempts: int = 5,
     now: datetime | None = None,
+    contexts: ContextFactory | None = None,
 ) -> list[Outcome]:
     """Run the processing stage for several rows in one transaction (one durable commit for
     many rows). Rows already done or claimed elsewhere are skipped.
@@ -94,22 +101,23 @@ def process_batch(
     a transaction of its own, and it is retried with backoff, then failed.
     """
     now = now or datetime.now(UTC)
+    contexts = contexts or ContextFactory()
     ids = list(inbox_ids)
     try:
         if engine.dialect.name == "postgresql":
             # Claim (FOR UPDATE SKIP LOCKED), work and write in one transaction.
             with engine.begin() as conn:
                 rows = _claim(conn, ids)
-                outcomes, updates = _work(rows, max_attempts, now)
-                _write(conn, updates)
+                outcomes, results = _work(rows, max_attempts, now, contexts)
+                _write(conn, results, now)
         else:
             # SQLite has one writer: do the work outside the write lock and hold it only for
             # the guarded write, so the ACK path's commits are not kept waiting.
             with engine.connect() as conn:
                 rows = _claim(conn, ids)
-            outcomes, updates = _work(rows, max_attempts, now)
+            outcomes, results = _work(rows, max_attempts, now, contexts)
             with write_lock(engine), engine.begin() as conn:
-                _write(conn, updates)
+                _write(conn, results, now)
     except SQLAlchemyError as exc:
         if isinstance(exc, _LostRace) and len(inbox_ids) == 1:
             return []
@@ -117,7 +125,9 @@ def process_batch(
             return [
                 o
                 for inbox_id in inbox_ids
-                for o in process_batch(engine, [inbox_id], max_attempts=max_attempts, now=now)
+                for o in process_batch(
+                    engine, [inbox_id], max_attempts=max_attempts, now=now, contexts=contexts
+                )
             ]
         _record_write_failure(engine, inbox_ids[0], exc, max_attempts, now)
         return [Outcome(inbox_ids[0], InboxStatus.RECEIVED.value, _describe(exc))]
@@ -142,25 +152,38 @@ def _claim(conn: Connection, inbox_ids: list[int]) -> list[Any]:
     return list(conn.execute(query).all())
 
 
+@dataclass
+class _Result:
+    """What the work phase decided for one row: its new column values and its resources."""
+
+    values: dict[str, Any]
+    resources: list[dict[str, Any]] = field(default_factory=list)
+
+
 def _work(
-    rows: list[Any], max_attempts: int, now: datetime
-) -> tuple[list[Outcome], list[dict[str, Any]]]:
-    """Parse and route each row (no I/O); returns the outcomes and the row updates."""
+    rows: list[Any], max_attempts: int, now: datetime, contexts: ContextFactory
+) -> tuple[list[Outcome], list[_Result]]:
+    """Parse, check and convert each row to FHIR resources (no I/O)."""
     outcomes: list[Outcome] = []
-    updates: list[dict[str, Any]] = []
+    results: list[_Result] = []
     for row in rows:
         attempts = row.attempts + 1
-        values: dict[str, Any] = {"attempts": attempts}
+        values: dict[str, Any] = {"attempts": attempts, "warnings": None}
+        resources: list[dict[str, Any]] = []
         error: str | None
         app_ack_error: AckError | None = None
         try:
             text = decode(row.raw)
             header = read_header(text)
-            route(header, text)
-        except (MessageError, ER7Error) as exc:
+            problem = check_structure(header, text)
+            if problem is not None:
+                raise problem
+            conversion = convert(text, context=contexts.for_header(header))
+        except (MessageError, ER7Error, MappingError) as exc:
             status, error = InboxStatus.FAILED, str(exc)
             location = getattr(exc, "location", "")
-            app_ack_error = AckError(error, location, getattr(exc, "code", "207"))
+            code = str(getattr(exc, "code", None) or getattr(exc, "hl7_code", "207"))
+            app_ack_error = AckError(error, location, code)
             values.update(status=status.value, last_error=error, processed_at=now,
                           next_attempt_at=None)
         except Exception as exc:  # a bug: retry with backoff, then give up
@@ -170,8 +193,9 @@ def _work(
                         exc_type=type(exc).__name__)
         else:
             status, error = InboxStatus.PROCESSED, None
+            resources = conversion.resources
             values.update(status=status.value, last_error=None, processed_at=now,
-                          next_attempt_at=None)
+                          next_attempt_at=None, warnings=conversion.warnings or None)
         values.setdefault("status", InboxStatus.RECEIVED.value)
         values.setdefault("processed_at", None)
         values["app_ack"] = (
@@ -180,20 +204,44 @@ def _work(
             else None
         )
         values["row_id"] = row.id
-        updates.append(values)
-        outcomes.append(Outcome(row.id, status.value, error))
-    return outcomes, updates
+        results.append(_Result(values, resources))
+        outcomes.append(Outcome(row.id, status.value, error, len(resources)))
+    return outcomes, results
 
 
-def _write(conn: Connection, updates: list[dict[str, Any]]) -> None:
-    if not updates:
+def _write(conn: Connection, results: list[_Result], now: datetime) -> None:
+    if not results:
         return
     # One executemany for the whole batch. The status guard makes a row that another worker
     # finished meanwhile (possible only across processes on SQLite) match nothing; then the
     # transaction is rolled back and the batch retried row by row.
-    result = conn.execute(_UPDATE_PROCESSED, updates)
-    if result.rowcount != len(updates):
+    result = conn.execute(_UPDATE_PROCESSED, [r.values for r in results])
+    if result.rowcount != len(results):
         raise _LostRace()
+    # A replayed row's earlier resources are replaced by this run's.
+    ids = [r.values["row_id"] for r in results]
+    conn.execute(delete(mapped_resources).where(mapped_resources.c.inbox_id.in_(ids)))
+    resource_rows = [
+        {
+            "inbox_id": r.values["row_id"],
+            "resource_type": res["resourceType"],
+            "resource_id": res["id"],
+            "resource": res,
+            "created_at": now,
+        }
+        for r in results
+        for res in _unique(r.resources)
+    ]
+    if resource_rows:
+        conn.execute(insert(mapped_resources), resource_rows)
+
+
+def _unique(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last of each (type, id): a message may mention the same thing twice."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for res in resources:
+        seen[(res["resourceType"], res["id"])] = res
+    return list(seen.values())
 
 
 class _LostRace(SQLAlchemyError):
@@ -210,6 +258,7 @@ _UPDATE_PROCESSED = (
         processed_at=bindparam("processed_at"),
         next_attempt_at=bindparam("next_attempt_at"),
         app_ack=bindparam("app_ack"),
+        warnings=bindparam("warnings"),
     )
 )
 

@@ -1,43 +1,15 @@
-"""Routing by MSH-9: which message family handles a stored message.
+"""Cheap structural checks by MSH-9, shared by the ACK path and the processing stage.
 
-The processing stage asks :func:`route` for the family; a type careloop does not handle fails
-with "unsupported message type X^Y", stays in the inbox and can be replayed once support is
-added (``careloop replay``).
+Which families and triggers careloop maps is :data:`mappings.ROUTES`; a type it does not handle
+fails in the processing stage with "unsupported message type X^Y", stays in the inbox and can
+be replayed once support is added (``careloop replay``).
 """
 
 from __future__ import annotations
 
 from mappings.er7 import Header, split_lines, split_segments
 
-__all__ = [
-    "FAMILIES",
-    "MessageError",
-    "UnsupportedMessage",
-    "check_structure",
-    "family_of",
-    "required_segments",
-    "route",
-]
-
-# Message code -> (family, trigger events handled; empty = every trigger).
-FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
-    "ADT": (
-        "adt",
-        frozenset(
-            [
-                "A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08",
-                "A11", "A13", "A28", "A31", "A34", "A38", "A40", "A47",
-            ]
-        ),
-    ),
-    "SIU": ("siu", frozenset(f"S{n}" for n in range(12, 27))),
-    "RDE": ("pharmacy", frozenset({"O11", "O25"})),
-    "OMP": ("pharmacy", frozenset({"O09"})),
-    "RDS": ("pharmacy", frozenset({"O13"})),
-    "ORU": ("results", frozenset({"R01"})),
-    "VXU": ("immunization", frozenset({"V04"})),
-}
-
+__all__ = ["MessageError", "check_structure", "required_segments"]
 
 # Segments a message family cannot be processed without (HL7 v2.5.1 abstract message syntax).
 # Missing one is a content error (AE, table 0357 code 100), found before the ACK at the cost of a
@@ -62,10 +34,6 @@ class MessageError(ValueError):
         super().__init__(message)
         self.location = location
         self.code = code
-
-
-class UnsupportedMessage(MessageError):
-    pass
 
 
 def required_segments(header: Header) -> tuple[str, ...]:
@@ -94,27 +62,3 @@ def check_structure(header: Header, text: str) -> MessageError | None:
                 f"{header.message_type} has no {segment} segment", location=segment, code="100"
             )
     return None
-
-
-def family_of(header: Header) -> str | None:
-    entry = FAMILIES.get(header.message_code)
-    if entry is None:
-        return None
-    family, triggers = entry
-    if triggers and header.trigger_event not in triggers:
-        return None
-    return family
-
-
-def route(header: Header, text: str) -> str:
-    """The family that handles this message, or :class:`UnsupportedMessage`."""
-    problem = check_structure(header, text)
-    if problem is not None:
-        raise problem
-    family = family_of(header)
-    if family is None:
-        code = "200" if header.message_code not in FAMILIES else "201"
-        raise UnsupportedMessage(
-            f"unsupported message type {header.message_type}", location="MSH-9", code=code
-        )
-    return family

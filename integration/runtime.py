@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from adapters.mllp import MLLPServer, ServerLimits, server_ssl_context
 from integration.appacks import deliver_app_acks
 from integration.clients import ClientRegistry
+from integration.conversion import ContextFactory
 from integration.db import create_db_engine
 from integration.intake import GroupCommitter, IntakeService, Receipt
 from integration.logs import get_logger
@@ -46,6 +47,7 @@ class Runtime:
         self.settings = settings
         self.engine = engine or create_db_engine(settings.database_url)
         self.clients = ClientRegistry(self.engine)
+        self.contexts = ContextFactory(settings)
         self._inprocess: InProcessDispatcher | None = None
         if dispatcher is None:
             dispatcher = self._default_dispatcher()
@@ -72,7 +74,10 @@ class Runtime:
         return self._inprocess
 
     def process(self, inbox_ids: list[int]) -> object:
-        outcomes = process_batch(self.engine, inbox_ids, max_attempts=self.settings.max_attempts)
+        outcomes = process_batch(
+            self.engine, inbox_ids, max_attempts=self.settings.max_attempts,
+            contexts=self.contexts,
+        )
         deliver_app_acks(self.engine, self.settings)
         return outcomes
 

@@ -21,6 +21,7 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from integration.appacks import deliver_app_acks
+from integration.conversion import ContextFactory
 from integration.db import create_db_engine
 from integration.logs import get_logger
 from integration.pipeline import due_ids, process_batch
@@ -72,11 +73,15 @@ def make_celery(settings: Settings) -> Celery:
         },
     )
     engines = _EngineHolder(settings.database_url)
+    contexts = ContextFactory(settings)
 
     @app.task(name="careloop.process", ignore_result=True)  # type: ignore[untyped-decorator]
     def process(inbox_ids: list[int]) -> None:
         engine = engines.get()
-        process_batch(engine, [int(i) for i in inbox_ids], max_attempts=settings.max_attempts)
+        process_batch(
+            engine, [int(i) for i in inbox_ids], max_attempts=settings.max_attempts,
+            contexts=contexts,
+        )
         deliver_app_acks(engine, settings)
 
     @app.task(name="careloop.sweep", ignore_result=True)  # type: ignore[untyped-decorator]

@@ -25,6 +25,7 @@ PG_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("CARELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE = os.environ.get("CARELOOP_REQUIRE_SERVICES") == "1"
+TABLES = ("inbox", "mapped_resources", "audit_events", "api_clients")
 
 
 def _missing(what: str, why: object) -> None:
@@ -78,7 +79,7 @@ def pg_url(pg_template: str) -> str:
     engine = create_engine(pg_template)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE inbox, audit_events, api_clients RESTART IDENTITY"))
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
     except Exception:
         # A test broke the schema on purpose (storage-failure tests): build it again.
         with engine.begin() as conn:

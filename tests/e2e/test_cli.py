@@ -87,3 +87,25 @@ def test_send_to_nobody_exits_3(tmp_path: Path) -> None:
     msgs.write_bytes(adt("X"))
     result = run(["hl7", "send", str(msgs), "--to", "127.0.0.1:1"], {}, tmp_path)
     assert result.returncode == 3
+
+
+def test_hl7_convert_bundle_per_message(tmp_path: Path) -> None:
+    """`hl7 convert` prints one collection Bundle per message; a bad message gets one line on
+    stderr and exit 1, the good ones still print."""
+    import json
+
+    msgs = tmp_path / "two.hl7"
+    msgs.write_bytes(adt("CV1") + adt("CV2").replace(b"ADT^A01^ADT_A01", b"MFN^M02"))
+    env = base_env("sqlite:///unused.db")
+    result = run(["hl7", "convert", "--ndjson", str(msgs)], env, tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    bundle = json.loads(lines[0])
+    assert bundle["type"] == "collection"
+    assert {e["resource"]["resourceType"] for e in bundle["entry"]} >= {"Patient", "Encounter"}
+    assert result.stderr.strip() == f"{msgs}#2: MSH-9: unsupported message type MFN^M02"
+
+    stdin = run(["hl7", "convert", "-"], env, tmp_path, stdin=adt("CV3"))
+    assert stdin.returncode == 0
+    assert json.loads(stdin.stdout)["identifier"]["value"] == "CV3"

@@ -105,7 +105,7 @@ class TestPostHL7:
                               runtime: Runtime) -> None:
         runtime.clients.authenticate_basic(auth["Authorization"])  # cached before the outage
         with runtime.engine.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE inbox")
+            conn.exec_driver_sql("ALTER TABLE inbox RENAME TO inbox_gone")
         r = client.post("/hl7v2", content=adt("H10"), headers=auth)
         assert r.status_code == 503
         assert r.headers["retry-after"]

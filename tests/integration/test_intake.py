@@ -131,7 +131,7 @@ class TestStorageFailure:
         await rt.start()
         try:
             with rt.engine.begin() as conn:
-                conn.exec_driver_sql("DROP TABLE inbox")
+                conn.exec_driver_sql("ALTER TABLE inbox RENAME TO inbox_gone")
             [original] = await rt.receive_body(adt("F1"), "mllp", "p")
             [enhanced] = await rt.receive_body(adt("F2", extra_msh="|||AL|NE"), "mllp", "p")
         finally:

@@ -298,7 +298,7 @@ class TestApplicationAcks:
             assert "PID" in err(by_id["APP2"])[2]
             deadline = asyncio.get_running_loop().time() + 5
             sent: list[object] = []
-            while asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            while asyncio.get_running_loop().time() < deadline:
                 with rt.engine.connect() as conn:
                     sent = list(conn.execute(select(inbox.c.app_ack_sent_at)).scalars())
                 if all(sent):

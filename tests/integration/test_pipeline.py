@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine, insert, select, update
 
 from integration.intake import assess
-from integration.models import inbox
+from integration.models import inbox, mapped_resources
 from integration.pipeline import (
     InProcessDispatcher,
     due_ids,
@@ -79,10 +79,10 @@ class TestProcessMessage:
         after max_attempts."""
         from integration import pipeline
 
-        def boom(*_a: object) -> str:
+        def boom(*_a: object, **_k: object) -> str:
             raise RuntimeError("kaboom")
 
-        monkeypatch.setattr(pipeline, "route", boom)
+        monkeypatch.setattr(pipeline, "convert", boom)
         inbox_id = store(engine, adt("P6"))
         process_message(engine, inbox_id, max_attempts=2, now=NOW)
         row = get(engine, inbox_id)
@@ -91,6 +91,71 @@ class TestProcessMessage:
         assert row.next_attempt_at.replace(tzinfo=UTC) > NOW
         process_message(engine, inbox_id, max_attempts=2, now=NOW)
         assert get(engine, inbox_id).status == "failed"
+
+
+class TestMappedResources:
+    def test_processed_row_stores_its_fhir_resources(self, engine: Engine) -> None:
+        """The stage converts the message and stores the resources with the inbox id."""
+        inbox_id = store(engine, adt("F1"))
+        outcome = process_message(engine, inbox_id, now=NOW)
+        assert outcome is not None and outcome.resources >= 2
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(mapped_resources).where(mapped_resources.c.inbox_id == inbox_id)
+            ).all()
+        types = {r.resource_type for r in rows}
+        assert {"Patient", "Encounter"} <= types
+        patient = next(r.resource for r in rows if r.resource_type == "Patient")
+        assert patient["name"][0]["family"] == "Doe"
+        assert patient["birthDate"] == "1980-01-01"
+
+    def test_replay_replaces_resources(self, engine: Engine) -> None:
+        """Reprocessing a row leaves one copy of each resource."""
+        inbox_id = store(engine, adt("F2"))
+        process_message(engine, inbox_id, now=NOW)
+        requeue(engine, status="processed", ids=[inbox_id], now=NOW)
+        process_message(engine, inbox_id, now=NOW)
+        with engine.connect() as conn:
+            keys = conn.execute(
+                select(mapped_resources.c.resource_type, mapped_resources.c.resource_id).where(
+                    mapped_resources.c.inbox_id == inbox_id
+                )
+            ).all()
+        assert len(keys) == len(set(keys)) >= 2
+
+    def test_sender_identifier_system_and_timezone_from_settings(self, engine: Engine) -> None:
+        """[[hl7_senders]] rules decide the identifier system and the local time zone."""
+        from integration.conversion import ContextFactory
+        from integration.settings import HL7Sender
+        from tests.helpers import settings_for
+
+        settings = settings_for(
+            "sqlite://",
+            timezone="UTC",
+            hl7_senders=(HL7Sender(application="EPIC", facility="MAIN",
+                                   timezone="America/Chicago",
+                                   identifier_systems={"MRN": "urn:oid:1.2.3"}),),
+        )
+        inbox_id = store(engine, adt("F3"))
+        process_message(engine, inbox_id, now=NOW, contexts=ContextFactory(settings))
+        with engine.connect() as conn:
+            patient = conn.execute(
+                select(mapped_resources.c.resource).where(
+                    mapped_resources.c.inbox_id == inbox_id,
+                    mapped_resources.c.resource_type == "Patient",
+                )
+            ).scalar_one()
+        assert {"system": "urn:oid:1.2.3", "value": "123"}.items() <= (
+            patient["identifier"][0].items()
+        )
+
+    def test_mapping_error_fails_row_with_location(self, engine: Engine) -> None:
+        """A message the mapping cannot use fails with the field named."""
+        raw = adt("F4").replace(b"PID|1||123^^^MRN||", b"PID|1||||")
+        inbox_id = store(engine, raw)
+        outcome = process_message(engine, inbox_id, now=NOW)
+        assert outcome is not None and outcome.status == "failed"
+        assert "PID-3" in (get(engine, inbox_id).last_error or "")
 
 
 class TestSweepAndReplay:
