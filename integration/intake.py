@@ -275,7 +275,7 @@ class GroupCommitter:
         unique: dict[str, dict[str, Any]] = {}
         for row in rows:
             unique.setdefault(row["dedup_key"], row)
-        with write_lock(self._engine):
+        with write_lock(self._engine, urgent=True):
             conn = self._connection()
             try:
                 with conn.begin():

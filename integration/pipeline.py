@@ -20,9 +20,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,6 +42,8 @@ __all__ = [
     "Dispatcher",
     "InProcessDispatcher",
     "Outcome",
+    "WorkRow",
+    "WorkRunner",
     "due_ids",
     "process_batch",
     "process_message",
@@ -49,6 +52,11 @@ __all__ = [
 ]
 
 log = get_logger("careloop.pipeline")
+
+
+WorkRunner = Callable[
+    [list["WorkRow"], int, datetime, ContextFactory], tuple[list["Outcome"], list["_Result"]]
+]
 
 
 class Dispatcher(Protocol):
@@ -92,33 +100,40 @@ def process_batch(
     max_attempts: int = 5,
     now: datetime | None = None,
     contexts: ContextFactory | None = None,
+    run: WorkRunner | None = None,
 ) -> list[Outcome]:
     """Run the processing stage for several rows in one transaction (one durable commit for
     many rows). Rows already done or claimed elsewhere are skipped.
 
-    If the transaction itself fails (a database error while writing), the rows are tried one by
-    one, so a row whose writes cannot succeed only holds itself back: its failure is recorded in
-    a transaction of its own, and it is retried with backoff, then failed.
+    ``run`` executes the pure work phase (parse, check, convert); by default in this thread,
+    in ``careloop serve`` in a separate process (:mod:`integration.workpool`) so that it never
+    competes with the ACK path for the GIL.
+
+    If the transaction itself fails (a database error while writing), or the work process dies,
+    the rows are tried one by one, so a row that cannot succeed only holds itself back: its
+    failure is recorded in a transaction of its own, and it is retried with backoff, then
+    failed.
     """
     now = now or datetime.now(UTC)
     contexts = contexts or ContextFactory()
+    work = run or _work
     ids = list(inbox_ids)
     try:
         if engine.dialect.name == "postgresql":
             # Claim (FOR UPDATE SKIP LOCKED), work and write in one transaction.
             with engine.begin() as conn:
                 rows = _claim(conn, ids)
-                outcomes, results = _work(rows, max_attempts, now, contexts)
+                outcomes, results = work(rows, max_attempts, now, contexts)
                 _write(conn, results, now)
         else:
             # SQLite has one writer: do the work outside the write lock and hold it only for
             # the guarded write, so the ACK path's commits are not kept waiting.
             with engine.connect() as conn:
                 rows = _claim(conn, ids)
-            outcomes, results = _work(rows, max_attempts, now, contexts)
+            outcomes, results = work(rows, max_attempts, now, contexts)
             with write_lock(engine), engine.begin() as conn:
                 _write(conn, results, now)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, BrokenProcessPool) as exc:
         if isinstance(exc, _LostRace) and len(inbox_ids) == 1:
             return []
         if len(inbox_ids) > 1:
@@ -126,7 +141,8 @@ def process_batch(
                 o
                 for inbox_id in inbox_ids
                 for o in process_batch(
-                    engine, [inbox_id], max_attempts=max_attempts, now=now, contexts=contexts
+                    engine, [inbox_id], max_attempts=max_attempts, now=now, contexts=contexts,
+                    run=run,
                 )
             ]
         _record_write_failure(engine, inbox_ids[0], exc, max_attempts, now)
@@ -141,7 +157,15 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"
 
 
-def _claim(conn: Connection, inbox_ids: list[int]) -> list[Any]:
+class WorkRow(NamedTuple):
+    """An inbox row as the work phase sees it (plain values, so it can cross processes)."""
+
+    id: int
+    raw: bytes
+    attempts: int
+
+
+def _claim(conn: Connection, inbox_ids: list[int]) -> list[WorkRow]:
     query = (
         select(inbox.c.id, inbox.c.raw, inbox.c.attempts)
         .where(inbox.c.id.in_(inbox_ids), inbox.c.status == InboxStatus.RECEIVED.value)
@@ -149,7 +173,7 @@ def _claim(conn: Connection, inbox_ids: list[int]) -> list[Any]:
     )
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    return list(conn.execute(query).all())
+    return [WorkRow(r.id, bytes(r.raw), r.attempts) for r in conn.execute(query)]
 
 
 @dataclass
@@ -161,7 +185,7 @@ class _Result:
 
 
 def _work(
-    rows: list[Any], max_attempts: int, now: datetime, contexts: ContextFactory
+    rows: list[WorkRow], max_attempts: int, now: datetime, contexts: ContextFactory
 ) -> tuple[list[Outcome], list[_Result]]:
     """Parse, check and convert each row to FHIR resources (no I/O)."""
     outcomes: list[Outcome] = []
@@ -395,7 +419,7 @@ class InProcessDispatcher:
         work: Callable[[list[int]], object],
         *,
         threads: int = 2,
-        batch: int = 256,
+        batch: int = 16,
         linger_s: float = 0.05,
         sweep: Callable[[], Sequence[int]] | None = None,
         sweep_interval_s: float = 15.0,
@@ -441,7 +465,9 @@ class InProcessDispatcher:
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
-            if first is None:
+            if first is None or self._stop.is_set():
+                # Stopping: what is still queued stays "received" in the database and is
+                # found by the sweep at the next start.
                 return
             batch = [first]
             stop = False

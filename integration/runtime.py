@@ -12,7 +12,7 @@ from adapters.mllp import MLLPServer, ServerLimits, server_ssl_context
 from integration.appacks import deliver_app_acks
 from integration.clients import ClientRegistry
 from integration.conversion import ContextFactory
-from integration.db import create_db_engine
+from integration.db import Checkpointer, create_db_engine
 from integration.intake import GroupCommitter, IntakeService, Receipt
 from integration.logs import get_logger
 from integration.metrics import register_queue_collector
@@ -25,6 +25,7 @@ from integration.pipeline import (
 )
 from integration.settings import Settings
 from integration.tasks import CeleryDispatcher, make_celery
+from integration.workpool import WorkPool
 from mappings.ack import AckCode, AckError, build_ack_for_unreadable
 from mappings.er7 import ER7Error, split_messages
 
@@ -45,9 +46,15 @@ class Runtime:
         with_mllp: bool = True,
     ) -> None:
         self.settings = settings
-        self.engine = engine or create_db_engine(settings.database_url)
+        self.engine = engine or create_db_engine(
+            settings.database_url, sqlite_autocheckpoint=False
+        )
+        self._checkpointer = (
+            Checkpointer(self.engine) if self.engine.dialect.name == "sqlite" else None
+        )
         self.clients = ClientRegistry(self.engine)
         self.contexts = ContextFactory(settings)
+        self.work_pool: WorkPool | None = None
         self._inprocess: InProcessDispatcher | None = None
         if dispatcher is None:
             dispatcher = self._default_dispatcher()
@@ -65,6 +72,8 @@ class Runtime:
             return CeleryDispatcher(make_celery(s))
         if not s.inprocess_worker:
             return _NoDispatch()
+        if s.work_processes:
+            self.work_pool = WorkPool(s, processes=s.work_processes)
         self._inprocess = InProcessDispatcher(
             self.process,
             threads=s.worker_threads,
@@ -76,7 +85,7 @@ class Runtime:
     def process(self, inbox_ids: list[int]) -> object:
         outcomes = process_batch(
             self.engine, inbox_ids, max_attempts=self.settings.max_attempts,
-            contexts=self.contexts,
+            contexts=self.contexts, run=self.work_pool,
         )
         deliver_app_acks(self.engine, self.settings)
         return outcomes
@@ -89,6 +98,8 @@ class Runtime:
         if self.started:
             return
         register_queue_collector(lambda: queue_depth(self.engine))
+        if self._checkpointer is not None:
+            self._checkpointer.start()
         if self._inprocess is not None:
             self._inprocess.start()
         start = getattr(self.dispatcher, "start", None)
@@ -133,6 +144,10 @@ class Runtime:
         await self.committer.stop()
         if self._inprocess is not None:
             await asyncio.to_thread(self._inprocess.stop)
+        if self.work_pool is not None:
+            await asyncio.to_thread(self.work_pool.close)
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
         stop = getattr(self.dispatcher, "stop", None)
         if stop is not None and self._inprocess is None:
             stop()

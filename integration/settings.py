@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     inprocess_worker: bool = True
     """With no broker, run the pipeline inside ``careloop serve`` (turn off only to measure)."""
     worker_threads: int = Field(default=2, ge=1, le=64)
+    work_processes: int = Field(default=1, ge=0, le=64)
+    """In ``serve`` without a broker: child processes that parse and convert (0: in the worker
+    threads, sharing the GIL with the ACK path)."""
     sweep_interval_s: float = Field(default=15.0, gt=0)
     stale_after_s: float = Field(default=60.0, gt=0)
     """A row still pending this long after it was stored or last tried is enqueued again."""
@@ -137,6 +140,9 @@ class Settings(BaseSettings):
     timezone: str = "UTC"
     default_language: str = "en"
     hl7_senders: tuple[HL7Sender, ...] = ()
+    authoritative_identifier_systems: tuple[str, ...] = ()
+    """Identifier systems (strongest first) that decide which patient wins when one resource's
+    identifiers name several known patients (e.g. the enterprise MPI's, then the main MRN)."""
 
     @field_validator("timezone")
     @classmethod
