@@ -29,10 +29,11 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-## bench: intake and mapping benchmarks; tables printed, JSON in bench/results/
+## bench: intake, mapping and timeline (PostgreSQL) benchmarks; tables printed, JSON in bench/results/
 bench: $(STAMP)
 	$(PY) bench/bench_intake.py
 	@if [ -f bench/bench_mappings.py ]; then $(PY) bench/bench_mappings.py; fi
+	$(PY) bench/bench_timeline.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -26,7 +26,9 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -159,6 +161,7 @@ def bench_family(msgs: list[bytes | str], budget: float, hl7apy_budget: float) -
         if ok
         else None
     )
+    row["medplum"], row["medplum_rejects"] = medplum_parse_rate(texts, budget)
     row["ratio_vs_python_hl7"] = row["convert"] / row["python-hl7"]
     row["ratio_vs_hl7apy"] = row["convert"] / row["hl7apy"] if row["hl7apy"] else None
     row["ratio_validated_vs_python_hl7"] = row["convert+validate"] / row["python-hl7"]
@@ -166,6 +169,27 @@ def bench_family(msgs: list[bytes | str], budget: float, hl7apy_budget: float) -
         row["convert+validate"] / row["hl7apy"] if row["hl7apy"] else None
     )
     return row
+
+
+MEDPLUM_DIR = ROOT / "bench" / "peers" / "medplum"
+
+
+def medplum_parse_rate(texts: list[str], budget: float) -> tuple[float | None, int | None]:
+    """Medplum's ``Hl7Message.parse`` (Node) over the same texts; None when Node or the
+    package is missing (``make bench`` installs it with the intake bench)."""
+    if shutil.which("node") is None or not (MEDPLUM_DIR / "node_modules").is_dir():
+        return None, None
+    try:
+        done = subprocess.run(
+            ["node", str(MEDPLUM_DIR / "parse_bench.mjs")],
+            input=json.dumps({"messages": texts, "budget": budget}),
+            capture_output=True, text=True, timeout=60 + budget * 4, check=True,
+            cwd=MEDPLUM_DIR,
+        )
+        out = json.loads(done.stdout)
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return None, None
+    return out.get("msg_per_s"), out.get("rejects")
 
 
 def whole_corpus(msgs: list[bytes | str], rounds: int = 5) -> dict[str, float]:
@@ -216,7 +240,8 @@ def main() -> None:
     corpus["messages"] = len(corpus_msgs)
     corpus["supported"] = sum(len(v) for v in by_family.values())
 
-    cols = ["parse", "convert", "convert+validate", "validate", "python-hl7", "hl7apy"]
+    cols = ["parse", "convert", "convert+validate", "validate", "python-hl7", "hl7apy",
+            "medplum"]
     head = f"{'family':28} {'msgs':>5} " + " ".join(f"{c:>16}" for c in cols)
     head += f" {'conv/py-hl7':>11} {'conv/hl7apy':>11} {'valid/py-hl7':>12} {'valid/hl7apy':>12}"
     print(f"source: {source}   python {platform.python_version()}   one core, msg/s")

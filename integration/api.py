@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from integration.clients import Client
 from integration.db import ping
 from integration.logs import get_logger
+from integration.oauth import OAuthError
 from integration.runtime import Runtime
 from mappings.ack import AckCode
 
@@ -43,22 +45,51 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 
 def require_scope(scope: str) -> Callable[[Request], Awaitable[Client]]:
+    """A dependency that authenticates the caller and checks one scope.
+
+    ``Authorization: Bearer <access token>`` (from ``POST /oauth/token``), or ``Basic`` with a
+    client id and secret for interface engines that cannot do OAuth. 401 when the credentials
+    are missing, wrong or expired; 403 when they are good but lack the scope.
+    """
+
     async def dependency(request: Request) -> Client:
         runtime: Runtime = request.app.state.runtime
         if runtime.settings.auth == "disabled":
             return ANONYMOUS
         authorization = request.headers.get("authorization", "")
-        challenge = {"WWW-Authenticate": 'Basic realm="careloop"'}
+        scheme, _, value = authorization.partition(" ")
+        scheme = scheme.lower()
         if not authorization:
-            raise ApiError(401, "unauthenticated", "credentials are required", challenge)
-        client = runtime.clients.authenticate_basic(authorization)
-        if client is None:
-            raise ApiError(401, "invalid_client", "unknown client or wrong secret", challenge)
+            raise ApiError(401, "unauthenticated", "credentials are required", _CHALLENGE)
+        if scheme == "bearer" and value.strip():
+            found = await asyncio.to_thread(runtime.tokens.check_bearer, value.strip())
+            if found is None:
+                raise ApiError(
+                    401, "invalid_token", "the access token is unknown, expired or revoked",
+                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+            client = found[0]
+        elif scheme == "basic":
+            basic = await asyncio.to_thread(runtime.clients.authenticate_basic, authorization)
+            if basic is None:
+                raise ApiError(401, "invalid_client", "unknown client or wrong secret",
+                               _CHALLENGE)
+            client = basic
+        else:
+            raise ApiError(401, "unauthenticated", "use a Bearer token or Basic credentials",
+                           _CHALLENGE)
         if not client.allows(scope):
-            raise ApiError(403, "insufficient_scope", f"this client lacks the {scope} scope")
+            raise ApiError(
+                403, "insufficient_scope", f"this client lacks the {scope} scope",
+                {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+            )
+        request.state.client = client
         return client
 
     return dependency
+
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="careloop", Basic realm="careloop"'}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -107,6 +138,41 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
+
+    @app.post(
+        "/oauth/token",
+        tags=["auth"],
+        responses={
+            200: {"description": "an access token"},
+            400: {"description": "bad grant or scope (RFC 6749 error)"},
+            401: {"description": "client authentication failed"},
+        },
+    )
+    async def token(request: Request) -> Response:
+        """OAuth 2.0 client credentials: ``client_secret_basic``, ``client_secret_post`` or
+        ``private_key_jwt``. Form-encoded, as RFC 6749 requires."""
+        body = await _read_body(request, 64 * 1024)
+        try:
+            form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True)
+                    .items()}
+        except UnicodeDecodeError:
+            form = {}
+        try:
+            issued = await asyncio.to_thread(
+                runtime.tokens.issue, form, request.headers.get("authorization", "")
+            )
+        except OAuthError as exc:
+            headers = {"Cache-Control": "no-store"}
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Basic realm="careloop"'
+            return JSONResponse(
+                {"error": exc.error, "error_description": exc.description,
+                 "code": exc.error, "message": exc.description},
+                status_code=exc.status, headers=headers,
+            )
+        return JSONResponse(
+            issued.as_json(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
+        )
 
     @app.get("/health/live", tags=["ops"])
     async def live() -> dict[str, str]:
@@ -177,6 +243,10 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
         headers = {"Retry-After": "5"} if status == 503 else None
         return Response(content, status_code=status, media_type=HL7_MEDIA_TYPE, headers=headers)
 
+    # patients_api depends on require_scope above: imported here to avoid an import cycle.
+    from integration.patients_api import router as patients_router  # noqa: PLC0415
+
+    app.include_router(patients_router)
     return app
 
 

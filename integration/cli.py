@@ -213,23 +213,34 @@ def hl7() -> None:
     """Send and convert HL7 v2 messages."""
 
 
-def _read_inputs(files: Sequence[str]) -> list[tuple[str, bytes]]:
+def _read_inputs(files: Sequence[str]) -> tuple[list[tuple[str, bytes]], int]:
+    """The messages in ``files`` (``-`` is stdin), and how many files could not be read.
+
+    A file that cannot be read or holds no HL7 message gets one line on stderr; the others are
+    still used, so one stray file in a glob does not stop a whole send.
+    """
     from mappings.er7 import ER7Error, split_messages
 
     out: list[tuple[str, bytes]] = []
+    bad = 0
     for name in files:
         try:
             data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
-        except OSError as exc:
-            _fail(f"{name}: {exc.strerror}", EXIT_BAD_INPUT)
-        try:
             messages = split_messages(data)
+        except OSError as exc:
+            click.echo(f"{name}: {exc.strerror}", err=True)
+            bad += 1
+            continue
         except ER7Error as exc:
-            _fail(f"{name}: {exc}", EXIT_BAD_INPUT)
+            click.echo(f"{name}: {exc}", err=True)
+            bad += 1
+            continue
         if not messages:
-            _fail(f"{name}: no HL7 message found", EXIT_BAD_INPUT)
+            click.echo(f"{name}: no HL7 message found", err=True)
+            bad += 1
+            continue
         out += [(f"{name}#{i}", m) for i, m in enumerate(messages, start=1)]
-    return out
+    return out, bad
 
 
 @hl7.command("send")
@@ -255,7 +266,7 @@ def hl7_send(
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         _fail(f"--to {target!r} is not HOST:PORT", EXIT_BAD_SETTINGS)
-    messages = _read_inputs(files)
+    messages, unreadable = _read_inputs(files)
     ssl_context = None
     if tls or ca or cert:
         import ssl
@@ -264,7 +275,7 @@ def hl7_send(
         if cert:
             ssl_context.load_cert_chain(cert, key)
     ok = asyncio.run(_send_all(host, int(port), messages, ssl_context, timeout))
-    sys.exit(0 if ok else EXIT_BAD_INPUT)
+    sys.exit(0 if ok and not unreadable else EXIT_BAD_INPUT)
 
 
 async def _send_all(
@@ -278,6 +289,7 @@ async def _send_all(
     except (OSError, TimeoutError) as exc:
         _fail(f"cannot connect to {host}:{port}: {exc}", EXIT_UNAVAILABLE)
     all_ok = True
+    counts: dict[str, int] = {}
     async with client:
         for name, raw in messages:
             try:
@@ -289,13 +301,17 @@ async def _send_all(
             except AckMismatch as exc:
                 click.echo(f"{name}: {exc}", err=True)
                 all_ok = False
+                counts["no ACK"] = counts.get("no ACK", 0) + 1
                 if "closed" in str(exc):
                     break
                 continue
             text = ack.decode("utf-8", "replace").replace("\r", "\n").strip()
             code = _msa_code(ack)
+            counts[code or "??"] = counts.get(code or "??", 0) + 1
             all_ok &= code in ("AA", "CA")
             click.echo(f"# {name} -> {code or '??'}\n{text}\n")
+    summary = ", ".join(f"{n} {code}" for code, n in sorted(counts.items()))
+    click.echo(f"sent {sum(counts.values())} of {len(messages)} messages: {summary}", err=True)
     return all_ok
 
 
@@ -328,9 +344,9 @@ def hl7_convert(files: Sequence[str], ndjson: bool, no_validate: bool) -> None:
 
     settings = _settings()
     contexts = ContextFactory(settings, validate=not no_validate)
-    failed = 0
+    inputs, failed = _read_inputs(files)
     now = datetime.now(UTC)
-    for name, raw in _read_inputs(files):
+    for name, raw in inputs:
         try:
             text = decode(raw)
             conversion = convert(text, context=contexts.for_header(read_header(text), now))
@@ -360,8 +376,8 @@ def hl7_validate(files: Sequence[str]) -> None:
     """
     from mappings import validate_strict
 
-    problems = 0
-    for name, raw in _read_inputs(files):
+    inputs, problems = _read_inputs(files)
+    for name, raw in inputs:
         found = validate_strict(raw)
         if not found:
             click.echo(f"{name}: ok")
@@ -498,19 +514,38 @@ def clients() -> None:
 @click.argument("name")
 @click.option("--scopes", required=True, multiple=True,
               help="timeline.read, outreach.read, hl7.write, admin (repeat or space-separate).")
-def clients_create(name: str, scopes: tuple[str, ...]) -> None:
-    """Register an API client; prints its id and secret once."""
+@click.option("--jwks", "jwks_file", type=click.Path(exists=True, dir_okay=False),
+              help="The client's public keys (JWKS JSON) for private_key_jwt; no secret then.")
+def clients_create(name: str, scopes: tuple[str, ...], jwks_file: str | None) -> None:
+    """Register an API client; prints its id and (unless --jwks) its secret, once."""
+    import json
+
     from integration.clients import ClientRegistry
 
     settings = _settings()
     engine = _engine(settings)
     wanted = [s for group in scopes for s in group.replace(",", " ").split()]
+    jwks = None
+    if jwks_file:
+        try:
+            jwks = json.loads(Path(jwks_file).read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"{jwks_file}: not a JWKS JSON file ({exc})", EXIT_BAD_SETTINGS)
+        for key in jwks.get("keys", []) if isinstance(jwks, dict) else []:
+            if any(k in key for k in ("d", "p", "q")):
+                _fail(f"{jwks_file}: holds a private key; register the public keys only",
+                      EXIT_BAD_SETTINGS)
     try:
-        client_id, secret = ClientRegistry(engine).create(name, wanted)
+        client_id, secret = ClientRegistry(engine).create(name, wanted, jwks=jwks)
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_SETTINGS)
-    click.echo(f"client_id: {client_id}\nsecret:    {secret}\n"
-               "Keep the secret now: it is stored hashed and cannot be shown again.")
+    if secret:
+        click.echo(f"client_id: {client_id}\nsecret:    {secret}\n"
+                   "Keep the secret now: it is stored hashed and cannot be shown again.")
+    else:
+        click.echo(f"client_id: {client_id}\n"
+                   f"authenticates with private_key_jwt; token endpoint "
+                   f"{settings.base_url.rstrip('/')}/oauth/token")
 
 
 @clients.command("disable")

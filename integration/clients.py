@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -46,7 +47,11 @@ class ClientRegistry:
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[float, str, Client | None]] = {}
 
-    def create(self, name: str, scopes: list[str]) -> tuple[str, str]:
+    def create(
+        self, name: str, scopes: list[str], *, jwks: dict[str, Any] | None = None
+    ) -> tuple[str, str]:
+        """Register a client; returns its id and its secret (empty for a client that
+        authenticates with a key pair only, i.e. when ``jwks`` is given)."""
         unknown = sorted(set(scopes) - SCOPES)
         if unknown:
             raise ValueError(
@@ -54,14 +59,18 @@ class ClientRegistry:
             )
         if not scopes:
             raise ValueError("give at least one scope")
+        if jwks is not None and not jwks.get("keys"):
+            raise ValueError("the JWKS has no keys")
         client_id = "cl_" + secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
+        secret = "" if jwks is not None else secrets.token_urlsafe(32)
         with self._engine.begin() as conn:
             conn.execute(
                 insert(api_clients).values(
                     client_id=client_id,
                     name=name,
-                    secret_hash=hash_secret(secret),
+                    # A key-pair client has no secret: no hash can match an empty one.
+                    secret_hash=hash_secret(secret) if secret else "none",
+                    jwks=jwks,
                     scopes=" ".join(sorted(set(scopes))),
                     disabled=False,
                     created_at=datetime.now(UTC),
@@ -98,16 +107,22 @@ class ClientRegistry:
         ok = hmac.compare_digest(stored_hash or "sha256$", hash_secret(secret))
         return client if ok and client is not None else None
 
+    @staticmethod
+    def decode_basic(value: str) -> tuple[str, str]:
+        """The id and secret in a Basic credential (empty strings when malformed)."""
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return "", ""
+        client_id, sep, secret = decoded.partition(":")
+        return (client_id, secret) if sep else ("", "")
+
     def authenticate_basic(self, authorization: str) -> Client | None:
         """``Authorization: Basic base64(client_id:secret)``."""
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "basic" or not value:
             return None
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode()
-        except (ValueError, UnicodeDecodeError):
-            return None
-        client_id, sep, secret = decoded.partition(":")
-        if not sep:
+        client_id, secret = self.decode_basic(value)
+        if not client_id:
             return None
         return self.authenticate(client_id, secret)

@@ -27,6 +27,11 @@ class ContextFactory:
         self._default_tz = ZoneInfo(settings.timezone if settings else "UTC")
         self._cache: dict[tuple[str, str], MappingContext] = {}
 
+    @property
+    def settings(self) -> Settings | None:
+        """The settings the contexts come from (None: defaults)."""
+        return self._settings
+
     def for_header(self, header: Header, now: datetime | None = None) -> MappingContext:
         comp = header.delimiters.component
         key = (

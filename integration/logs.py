@@ -8,6 +8,7 @@ replaced by a note that a key was dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -64,6 +65,11 @@ ALLOWED_KEYS = frozenset(
         "broker",
         "skipped_bytes",
         "connections",
+        "patient_id",
+        "entry_id",
+        "replaced_id",
+        "survivor_id",
+        "changes",
     }
 )
 
@@ -77,6 +83,21 @@ def _allow_list(
     if dropped:
         event_dict["dropped_keys"] = len(dropped)
     return event_dict
+
+
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it), and never lets a
+    logging failure (closed or full stream) break the request that logged."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except (OSError, ValueError):
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
 
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
@@ -96,13 +117,15 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(
         level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
     )
     logging.getLogger().setLevel(numeric)
+    # Alembic narrates every plugin it loads at INFO; its migrations are reported by careloop.
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> Any:

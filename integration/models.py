@@ -28,11 +28,19 @@ from sqlalchemy import (
 
 __all__ = [
     "InboxStatus",
+    "access_tokens",
     "api_clients",
     "audit_events",
+    "entry_keys",
+    "entry_sources",
     "inbox",
     "mapped_resources",
     "metadata",
+    "patient_identifiers",
+    "patient_merges",
+    "patients",
+    "timeline_changes",
+    "timeline_entries",
 ]
 
 # Stable constraint names, so that migrations can refer to them on every database.
@@ -136,4 +144,141 @@ api_clients = Table(
     Column("scopes", String(1024), nullable=False),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("jwks", JSON, nullable=True, doc="public keys for private_key_jwt"),
 )
+
+access_tokens = Table(
+    "access_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("client_id", String(64), nullable=False),
+    Column("scopes", String(1024), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_access_tokens_expires_at", "expires_at"),
+)
+"""OAuth access tokens, by SHA-256; the token itself is never stored."""
+
+used_assertions = Table(
+    "used_assertions",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("jti", String(255), primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_used_assertions_expires_at", "expires_at"),
+)
+"""JWT client assertions seen, kept until they expire, so none can be replayed."""
+
+
+# --- identity and timeline (see integration/identity.py and integration/timeline/) -----------
+
+PatientId = String(32)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", PatientId, primary_key=True, doc="careloop's own id (uuid4 hex)"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("merged_into", PatientId, nullable=True, doc="the survivor, once merged"),
+    Column("merged_at", DateTime(timezone=True), nullable=True),
+    Index("ix_patients_merged_into", "merged_into"),
+)
+"""One row per person careloop knows; a merged row points at its survivor (one hop)."""
+
+patient_identifiers = Table(
+    "patient_identifiers",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("system", String(512), nullable=False),
+    Column("value", String(255), nullable=False),
+    Column(
+        "patient_id", PatientId, ForeignKey("patients.id"), nullable=True,
+        doc="NULL only inside the transaction that claims the key",
+    ),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("system", "value", name="uq_patient_identifiers_system_value"),
+    Index("ix_patient_identifiers_patient_id", "patient_id"),
+)
+"""Identifier ``system|value`` → patient. Also holds source references (``urn:careloop:ref:``
+systems) so that ``Patient/x`` in a later resource finds the same patient."""
+
+patient_merges = Table(
+    "patient_merges",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("survivor_id", PatientId, nullable=False),
+    Column("replaced_id", PatientId, nullable=False, unique=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("source_system", String(16), nullable=False),
+    Column("source_ref", String(512), nullable=False),
+    Index("ix_patient_merges_survivor_id", "survivor_id"),
+)
+
+timeline_entries = Table(
+    "timeline_entries",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("patient_id", PatientId, ForeignKey("patients.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False,
+           doc="clinical time, else the earliest version's time; the paging key with id"),
+    Column("end_time", DateTime(timezone=True), nullable=True),
+    Column("summary", String(255), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource", JSON, nullable=False, doc="the newest version, FHIR R4 JSON"),
+    Column("ordinal", String(160), nullable=False, doc="the newest version's ordinal"),
+    Column("first_seen", DateTime(timezone=True), nullable=False,
+           doc="the earliest version's time"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_timeline_entries_patient_time", "patient_id", "time", "id"),
+)
+"""One row per real-world thing (an appointment, an encounter...), whatever its sources."""
+
+entry_keys = Table(
+    "entry_keys",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("resource_type", String(64), nullable=False),
+    Column("system", String(512), nullable=False),
+    Column("value", String(255), nullable=False),
+    Column(
+        "entry_id", String(32), ForeignKey("timeline_entries.id", ondelete="CASCADE"),
+        nullable=True, doc="NULL only inside the transaction that claims the key",
+    ),
+    UniqueConstraint("resource_type", "system", "value", name="uq_entry_keys_key"),
+    Index("ix_entry_keys_entry_id", "entry_id"),
+)
+"""Business identifiers (and source references) → entry."""
+
+entry_sources = Table(
+    "entry_sources",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column(
+        "entry_id", String(32), ForeignKey("timeline_entries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("system", String(16), nullable=False, doc="hl7v2 | fhir"),
+    Column("connection", String(255), nullable=False, doc="HL7 sender or EHR connection"),
+    Column("ref", String(512), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("ordinal", String(160), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("entry_id", "system", "ref", name="uq_entry_sources_entry_ref"),
+)
+"""Every version seen of an entry, applied or not (an older version arriving late)."""
+
+timeline_changes = Table(
+    "timeline_changes",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("entry_id", String(32), nullable=False),
+    Column("patient_id", PatientId, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("change", String(16), nullable=False, doc="created | updated | moved | removed"),
+    Column("status", String(32), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+"""What the timeline stage changed, in order (``id``), for the outreach stage to consume."""

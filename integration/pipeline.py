@@ -21,21 +21,34 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from integration.conversion import ContextFactory
 from integration.db import write_lock
+from integration.identity import IdentityRules
 from integration.logs import get_logger
 from integration.metrics import PROCESSED
 from integration.models import InboxStatus, inbox, mapped_resources
 from integration.routing import MessageError, check_structure
+from integration.timeline import SourceRef, apply_batch, hl7v2_source
 from mappings import MappingError, convert
 from mappings.ack import AckCode, AckError, application_ack_wanted, build_ack
+from mappings.convert import parse as parse_message
 from mappings.er7 import ER7Error, decode, read_header
 
 __all__ = [
@@ -178,10 +191,13 @@ def _claim(conn: Connection, inbox_ids: list[int]) -> list[WorkRow]:
 
 @dataclass
 class _Result:
-    """What the work phase decided for one row: its new column values and its resources."""
+    """What the work phase decided for one row: its new column values and its resources
+    (with where they came from, for the timeline)."""
 
     values: dict[str, Any]
     resources: list[dict[str, Any]] = field(default_factory=list)
+    source: SourceRef | None = None
+    identity: IdentityRules = field(default_factory=IdentityRules)
 
 
 def _work(
@@ -190,10 +206,14 @@ def _work(
     """Parse, check and convert each row to FHIR resources (no I/O)."""
     outcomes: list[Outcome] = []
     results: list[_Result] = []
+    identity = IdentityRules(
+        contexts.settings.authoritative_identifier_systems if contexts.settings else ()
+    )
     for row in rows:
         attempts = row.attempts + 1
         values: dict[str, Any] = {"attempts": attempts, "warnings": None}
         resources: list[dict[str, Any]] = []
+        source: SourceRef | None = None
         error: str | None
         app_ack_error: AckError | None = None
         try:
@@ -202,7 +222,12 @@ def _work(
             problem = check_structure(header, text)
             if problem is not None:
                 raise problem
-            conversion = convert(text, context=contexts.for_header(header))
+            context = contexts.for_header(header)
+            message = parse_message(text)
+            conversion = convert(message, context=context)
+            source = hl7v2_source(
+                message, context.timezone, inbox_id=row.id, sender=conversion.sender
+            )
         except (MessageError, ER7Error, MappingError) as exc:
             status, error = InboxStatus.FAILED, str(exc)
             location = getattr(exc, "location", "")
@@ -228,7 +253,7 @@ def _work(
             else None
         )
         values["row_id"] = row.id
-        results.append(_Result(values, resources))
+        results.append(_Result(values, resources, source if resources else None, identity))
         outcomes.append(Outcome(row.id, status.value, error, len(resources)))
     return outcomes, results
 
@@ -258,6 +283,26 @@ def _write(conn: Connection, results: list[_Result], now: datetime) -> None:
     ]
     if resource_rows:
         conn.execute(insert(mapped_resources), resource_rows)
+    _write_timeline(conn, results, ids, now)
+
+
+def _write_timeline(
+    conn: Connection, results: list[_Result], ids: list[int], now: datetime
+) -> None:
+    """Upsert the batch's resources onto the timeline, in the same transaction: a replayed
+    row finds its versions already applied and changes nothing."""
+    todo = [r for r in results if r.source is not None and r.resources]
+    if not todo:
+        return
+    received = dict(
+        conn.execute(select(inbox.c.id, inbox.c.received_at).where(inbox.c.id.in_(ids))).all()
+    )
+    batch = [
+        (_unique(r.resources), replace(r.source, received_at=received.get(r.values["row_id"])))
+        for r in todo
+        if r.source is not None
+    ]
+    apply_batch(conn, batch, now, todo[0].identity)
 
 
 def _unique(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -334,16 +379,26 @@ def _application_ack(raw: bytes, error: AckError | None, now: datetime) -> str |
     return build_ack(header, code, control_id=control_id, now=now, errors=errors)
 
 
-def due_ids(engine: Engine, *, now: datetime | None = None, limit: int = 1000) -> list[int]:
-    """Rows waiting longer than they should: stored but not yet processed, or due for a retry."""
+def due_ids(
+    engine: Engine,
+    *,
+    now: datetime | None = None,
+    limit: int = 1000,
+    include_unstarted: bool = False,
+) -> list[int]:
+    """Rows waiting longer than they should: stored but not yet processed, or due for a retry.
+
+    ``include_unstarted`` also takes rows never tried at all, however fresh: at start-up
+    nothing is queued in this process yet, so every such row was left by the previous run.
+    """
     now = now or datetime.now(UTC)
+    due = inbox.c.next_attempt_at <= now
+    if include_unstarted:
+        due = or_(due, inbox.c.attempts == 0)
     with engine.connect() as conn:
         rows = conn.execute(
             select(inbox.c.id)
-            .where(
-                inbox.c.status == InboxStatus.RECEIVED.value,
-                inbox.c.next_attempt_at <= now,
-            )
+            .where(inbox.c.status == InboxStatus.RECEIVED.value, due)
             .order_by(inbox.c.id)
             .limit(limit)
         )

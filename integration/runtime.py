@@ -16,6 +16,7 @@ from integration.db import Checkpointer, create_db_engine
 from integration.intake import GroupCommitter, IntakeService, Receipt
 from integration.logs import get_logger
 from integration.metrics import register_queue_collector
+from integration.oauth import TokenService
 from integration.pipeline import (
     Dispatcher,
     InProcessDispatcher,
@@ -53,8 +54,15 @@ class Runtime:
             Checkpointer(self.engine) if self.engine.dialect.name == "sqlite" else None
         )
         self.clients = ClientRegistry(self.engine)
+        self.tokens = TokenService(
+            self.engine,
+            self.clients,
+            token_url=settings.base_url.rstrip("/") + "/oauth/token",
+            ttl_s=settings.token_ttl_s,
+        )
         self.contexts = ContextFactory(settings)
         self.work_pool: WorkPool | None = None
+        self._swept = False
         self._inprocess: InProcessDispatcher | None = None
         if dispatcher is None:
             dispatcher = self._default_dispatcher()
@@ -92,6 +100,9 @@ class Runtime:
 
     def _sweep(self) -> list[int]:
         deliver_app_acks(self.engine, self.settings)
+        first, self._swept = not self._swept, True
+        if first:  # everything the previous run left, however much
+            return due_ids(self.engine, include_unstarted=True, limit=1_000_000)
         return due_ids(self.engine)
 
     async def start(self) -> None:

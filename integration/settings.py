@@ -22,7 +22,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-__all__ = ["HL7Sender", "Settings", "SettingsError", "describe_error", "load_settings"]
+__all__ = [
+    "Connection",
+    "HL7Sender",
+    "Settings",
+    "SettingsError",
+    "describe_error",
+    "load_settings",
+]
 
 ENV_PREFIX = "CARELOOP_"
 
@@ -47,6 +54,53 @@ def _check_timezone(value: str) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
     return value
+
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class Connection(BaseModel):
+    """One EHR reached over FHIR (``[[connections]]``); see INTERFACE.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME)
+    """Also the notification path: ``{base_url}/fhir/notify/{name}``."""
+    fhir_base: str
+    client_id: str
+    private_key: Path | None = None
+    """PEM written by ``careloop keys generate``; its ``kid`` is published in the JWKS."""
+    scopes: tuple[str, ...] = (
+        "system/Appointment.rs",
+        "system/CarePlan.rs",
+        "system/MedicationRequest.rs",
+        "system/Patient.rs",
+        "system/Communication.cu",
+        "system/Subscription.cruds",
+    )
+    mode: Literal["backport", "classic", "poll"] = "backport"
+    payload: Literal["empty", "id-only", "full-resource"] = "id-only"
+    topics: dict[str, str] = Field(default_factory=dict)
+    """Resource type → SubscriptionTopic canonical URL (backport mode)."""
+    resource_types: tuple[str, ...] = ("Appointment", "CarePlan", "MedicationRequest")
+    heartbeat_s: int = Field(default=60, ge=0)
+    poll_interval_s: int = Field(default=60, ge=1)
+    write_back: bool = True
+
+    @field_validator("fhir_base")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.mode == "backport":
+            missing = [t for t in self.resource_types if t not in self.topics]
+            if missing:
+                raise ValueError(
+                    f"connection {self.name!r}: backport mode needs a topic for {missing[0]}"
+                )
 
 
 class HL7Sender(BaseModel):
@@ -131,6 +185,8 @@ class Settings(BaseSettings):
     """With a CA bundle, clients must present a certificate it signed (mutual TLS)."""
     base_url: str = "http://127.0.0.1:8000"
     auth: Literal["required", "disabled"] = "required"
+    token_ttl_s: int = Field(default=300, ge=30, le=3600)
+    """Lifetime of OAuth access tokens from ``POST /oauth/token``."""
 
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -140,6 +196,7 @@ class Settings(BaseSettings):
     timezone: str = "UTC"
     default_language: str = "en"
     hl7_senders: tuple[HL7Sender, ...] = ()
+    connections: tuple[Connection, ...] = ()
     authoritative_identifier_systems: tuple[str, ...] = ()
     """Identifier systems (strongest first) that decide which patient wins when one resource's
     identifiers name several known patients (e.g. the enterprise MPI's, then the main MRN)."""
@@ -181,6 +238,13 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def connection(self, name: str) -> Connection | None:
+        """The ``[[connections]]`` entry called ``name``, if any."""
+        for conn in self.connections:
+            if conn.name == name:
+                return conn
+        return None
 
     def sender(self, application: str, facility: str) -> HL7Sender | None:
         """The ``[[hl7_senders]]`` rule for MSH-3/MSH-4 namespace ids, if any."""

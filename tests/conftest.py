@@ -25,7 +25,11 @@ PG_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("CARELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE = os.environ.get("CARELOOP_REQUIRE_SERVICES") == "1"
-TABLES = ("inbox", "mapped_resources", "audit_events", "api_clients")
+TABLES = (
+    "inbox", "mapped_resources", "audit_events", "api_clients",
+    "timeline_changes", "entry_sources", "entry_keys", "timeline_entries",
+    "patient_merges", "patient_identifiers", "patients",
+)
 
 
 def _missing(what: str, why: object) -> None:

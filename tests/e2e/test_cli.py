@@ -109,3 +109,24 @@ def test_hl7_convert_bundle_per_message(tmp_path: Path) -> None:
     stdin = run(["hl7", "convert", "-"], env, tmp_path, stdin=adt("CV3"))
     assert stdin.returncode == 0
     assert json.loads(stdin.stdout)["identifier"]["value"] == "CV3"
+
+
+def test_clients_create_with_jwks(tmp_path: Path, sqlite_url: str) -> None:
+    """A key-pair client gets no secret; a JWKS holding a private key is refused."""
+    import json
+
+    from joserfc.jwk import RSAKey
+
+    key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+    public = tmp_path / "public.jwks"
+    public.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    private = tmp_path / "private.jwks"
+    private.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
+    env = base_env(sqlite_url)
+    ok = run(["clients", "create", "backend", "--scopes", "timeline.read", "--jwks", str(public)],
+             env, tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "private_key_jwt" in ok.stdout and "secret:" not in ok.stdout
+    bad = run(["clients", "create", "x", "--scopes", "timeline.read", "--jwks", str(private)],
+              env, tmp_path)
+    assert bad.returncode == 2 and "private key" in bad.stderr

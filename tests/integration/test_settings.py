@@ -82,3 +82,27 @@ class TestSettings:
         cert.write_text("x")
         with pytest.raises(SettingsError, match="go together"):
             load_settings(mllp_tls_cert=cert)
+
+
+class TestConnections:
+    def test_connection_from_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            '[[connections]]\nname = "main-ehr"\nfhir_base = "https://ehr.example.org/fhir/R4/"\n'
+            'client_id = "careloop"\nmode = "classic"\n'
+        )
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        conn = load_settings().connection("main-ehr")
+        assert conn is not None
+        assert conn.fhir_base == "https://ehr.example.org/fhir/R4"
+        assert conn.payload == "id-only"
+
+    def test_backport_needs_topics(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            '[[connections]]\nname = "x"\nfhir_base = "https://e.example/fhir"\n'
+            'client_id = "c"\nresource_types = ["Appointment"]\n'
+        )
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        with pytest.raises(SettingsError, match="needs a topic for Appointment"):
+            load_settings()
