@@ -142,6 +142,27 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     @app.post(
         "/oauth/token",
         tags=["auth"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["grant_type"],
+                            "properties": {
+                                "grant_type": {"type": "string", "enum": ["client_credentials"]},
+                                "scope": {"type": "string"},
+                                "client_id": {"type": "string"},
+                                "client_secret": {"type": "string"},
+                                "client_assertion_type": {"type": "string"},
+                                "client_assertion": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            }
+        },
         responses={
             200: {"description": "an access token"},
             400: {"description": "bad grant or scope (RFC 6749 error)"},
@@ -210,6 +231,16 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     @app.post(
         "/hl7v2",
         tags=["hl7"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "One or more HL7 v2 messages in ER7 (batches allowed).",
+                "content": {
+                    "application/hl7-v2": {"schema": {"type": "string"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            }
+        },
         responses={
             200: {"description": "every message stored and accepted (AA/CA)"},
             400: {"description": "a message could not be read (AR); fix and resend"},
