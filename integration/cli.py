@@ -510,9 +510,30 @@ def clients() -> None:
     """API clients (interface engines, vendor apps)."""
 
 
+class _GreedyOption(click.Option):
+    """An option that takes every value up to the next option: ``--scopes a b c``."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            opt = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if opt is None:
+                continue
+            original = opt.process
+
+            def process(value: Any, state: Any, _orig: Any = original) -> None:
+                values = [value]
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    values.append(state.rargs.pop(0))
+                for item in values:
+                    _orig(item, state)
+
+            opt.process = process
+
+
 @clients.command("create")
 @click.argument("name")
-@click.option("--scopes", required=True, multiple=True,
+@click.option("--scopes", required=True, multiple=True, cls=_GreedyOption,
               help="timeline.read, outreach.read, hl7.write, admin (repeat or space-separate).")
 @click.option("--jwks", "jwks_file", type=click.Path(exists=True, dir_okay=False),
               help="The client's public keys (JWKS JSON) for private_key_jwt; no secret then.")

@@ -78,6 +78,9 @@ def test_clients_create_prints_secret_once(tmp_path: Path, sqlite_url: str) -> N
     result = run(["clients", "create", "engine", "--scopes", "hl7.write"], env, tmp_path)
     assert result.returncode == 0
     assert "client_id: cl_" in result.stdout and "secret:" in result.stdout
+    several = run(["clients", "create", "app", "--scopes", "timeline.read", "outreach.read"],
+                  env, tmp_path)
+    assert several.returncode == 0, several.stderr
     wrong = run(["clients", "create", "x", "--scopes", "everything"], env, tmp_path)
     assert wrong.returncode == 2 and "unknown scope" in wrong.stderr
 
