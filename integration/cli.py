@@ -39,6 +39,23 @@ def _settings(**overrides: Any) -> Settings:
     return settings
 
 
+def _check_templates(settings: Settings) -> None:
+    """Render every pathway template now: a broken one stops the start, with file and line."""
+    if not settings.pathways:
+        return
+    from integration.outreach.templates import TemplateCatalog, TemplateProblem
+
+    catalog = TemplateCatalog(
+        settings.outreach.templates_dir,
+        default_language=settings.default_language,
+        max_sms_segments=settings.outreach.max_sms_segments,
+    )
+    try:
+        catalog.check(settings.pathways, settings.outreach.languages)
+    except TemplateProblem as exc:
+        _fail(str(exc), EXIT_BAD_SETTINGS)
+
+
 def _engine(settings: Settings) -> Any:
     from sqlalchemy.exc import OperationalError
 
@@ -76,6 +93,7 @@ def serve(
 ) -> None:
     """Run the API and the MLLP listener (and the worker, when no broker is configured)."""
     settings = _settings(http_host=host, http_port=port, mllp_port=mllp_port, mllp_host=mllp_host)
+    _check_templates(settings)
     if upgrade:
         _upgrade(settings)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -160,6 +178,7 @@ def worker(queues: str, concurrency: int) -> None:
     settings = _settings()
     if not settings.broker_url:
         _fail("CARELOOP_BROKER_URL is not set: a worker needs a broker", EXIT_BAD_SETTINGS)
+    _check_templates(settings)
     from integration.tasks import make_celery, run_worker, worker_argv
 
     _engine(settings)

@@ -22,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from integration.outreach.pathways import OutreachSettings, Pathway
+
 __all__ = [
     "Connection",
     "HL7Sender",
@@ -197,6 +199,8 @@ class Settings(BaseSettings):
     default_language: str = "en"
     hl7_senders: tuple[HL7Sender, ...] = ()
     connections: tuple[Connection, ...] = ()
+    pathways: tuple[Pathway, ...] = ()
+    outreach: OutreachSettings = OutreachSettings()
     authoritative_identifier_systems: tuple[str, ...] = ()
     """Identifier systems (strongest first) that decide which patient wins when one resource's
     identifiers name several known patients (e.g. the enterprise MPI's, then the main MRN)."""

@@ -133,3 +133,20 @@ def test_clients_create_with_jwks(tmp_path: Path, sqlite_url: str) -> None:
     bad = run(["clients", "create", "x", "--scopes", "timeline.read", "--jwks", str(private)],
               env, tmp_path)
     assert bad.returncode == 2 and "private key" in bad.stderr
+
+
+def test_broken_template_stops_the_start(tmp_path: Path, sqlite_url: str) -> None:
+    """A pathway naming a template with a syntax error: serve exits 2 naming file and line."""
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "bad.en.j2").write_text("{% block sms %}{{ oops {% endblock %}")
+    cfg = tmp_path / "careloop.toml"
+    cfg.write_text(
+        f'[outreach]\ntemplates_dir = "{folder}"\nlanguages = ["en"]\n'
+        '[[pathways]]\nname = "p"\non = "appointment"\n'
+        'steps = [ { at = "-P1D", channel = "sms", template = "bad" } ]\n'
+    )
+    env = base_env(sqlite_url) | {"CARELOOP_CONFIG": str(cfg)}
+    result = run(["serve", "--port", "0", "--mllp-port", "0"], env, tmp_path)
+    assert result.returncode == 2
+    assert "bad.en.j2:" in result.stderr

@@ -106,3 +106,28 @@ class TestConnections:
         monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
         with pytest.raises(SettingsError, match="needs a topic for Appointment"):
             load_settings()
+
+
+class TestPathways:
+    def test_pathways_and_outreach_from_file(self, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            '[[pathways]]\nname = "appointment-reminder"\non = "appointment"\n'
+            'when = { status = ["booked"] }\n'
+            'steps = [ { at = "-P3D", channel = "preferred", template = "appointment-reminder" },'
+            ' { at = "-PT2H", channel = "sms", template = "appointment-reminder-short" } ]\n'
+            '[outreach]\nquiet_hours = "22:00-07:30"\nmax_per_day = 2\n'
+        )
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        s = load_settings()
+        assert s.pathways[0].steps[1].at.total_seconds() == -7200
+        assert s.outreach.max_per_day == 2 and s.outreach.max_per_week == 3
+
+    def test_bad_offset_named(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('[[pathways]]\nname = "p"\non = "appointment"\n'
+                       'steps = [ { at = "3 days before", template = "t" } ]\n')
+        monkeypatch.setenv("CARELOOP_CONFIG", str(cfg))
+        with pytest.raises(SettingsError, match=r"^pathways\.0\.steps\.0\.at: .*ISO 8601"):
+            load_settings()
