@@ -10,6 +10,9 @@ it does not share an interpreter with the server) is sent to:
 * ``bare-asyncio``  a bare asyncio framer acking from MSH alone (no storage): the Python ceiling
 * ``careloop-sqlite``      ``careloop serve`` on SQLite (WAL, synchronous=FULL)
 * ``careloop-postgresql``  ``careloop serve`` on PostgreSQL (skipped when it is unreachable)
+* ``careloop-*-intake``    the same with ``CARELOOP_INPROCESS_WORKER=false``: intake alone, as an
+  API/MLLP replica whose processing runs in Celery workers elsewhere (the default ``serve`` also
+  converts, validates and upserts every message on the same two cores)
 
 careloop acknowledges a message only once its inbox row is committed, so after each careloop
 measurement the inbox is counted: rows stored during the run must equal ACKs received.
@@ -55,7 +58,16 @@ LOAD = BENCH / "mllp_load.py"
 HOST = "127.0.0.1"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BENCH_DB = "careloop_bench"
-SERVERS = ("python-hl7", "medplum", "bare-asyncio", "careloop-sqlite", "careloop-postgresql")
+SERVERS = (
+    "python-hl7",
+    "medplum",
+    "bare-asyncio",
+    "careloop-sqlite",
+    "careloop-postgresql",
+    "careloop-sqlite-intake",
+    "careloop-postgresql-intake",
+)
+CARELOOP_SERVERS = tuple(s for s in SERVERS if s.startswith("careloop-"))
 
 # Targets from issue 4, as ratios measured in the same run.
 TARGET_VS_PYHL7_16 = 5.0
@@ -381,8 +393,8 @@ def _filesystem(path: Path) -> str:
     return fstype
 
 
-def _sqlite_backend(tmp: Path, notes: list[str]) -> Backend:
-    path = tmp / "bench.db"
+def _sqlite_backend(tmp: Path, notes: list[str], name: str = "careloop-sqlite") -> Backend:
+    path = tmp / f"{name}.db"
     fstype = _filesystem(tmp)
     if fstype in ("tmpfs", "ramfs"):
         # fsync on a RAM disk costs nothing: the figures would not be those of a durable server.
@@ -397,7 +409,7 @@ def _sqlite_backend(tmp: Path, notes: list[str]) -> Backend:
         finally:
             con.close()
 
-    return Backend("careloop-sqlite", f"sqlite:///{path}", count)
+    return Backend(name, f"sqlite:///{path}", count)
 
 
 def _libpq_url(sqlalchemy_url: str) -> str:
@@ -444,6 +456,8 @@ def _postgres_backend(admin_url: str) -> Backend:
 
 def run_careloop(backend: Backend, args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     cmd, extra_env = _careloop_command()
+    if backend.name.endswith("-intake"):
+        extra_env = {**extra_env, "CARELOOP_INPROCESS_WORKER": "false"}
     env = _careloop_env(backend.url, extra_env)
     workdir = tmp / backend.name
     workdir.mkdir(exist_ok=True)
@@ -638,7 +652,7 @@ def _targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
 
-    for server in ("careloop-sqlite", "careloop-postgresql"):
+    for server in CARELOOP_SERVERS:
         ratio("msg/s vs python-hl7, 16 conns", server, "python-hl7", 16, TARGET_VS_PYHL7_16)
         ratio("msg/s vs python-hl7, 1 conn", server, "python-hl7", 1, TARGET_VS_PYHL7_1)
         ratio("msg/s vs medplum, 16 conns", server, "medplum", 16, TARGET_VS_MEDPLUM_16)
@@ -792,10 +806,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name.startswith("careloop-"):
                     backend = (
-                        _sqlite_backend(tmp, args.notes)
-                        if name == "careloop-sqlite"
+                        _sqlite_backend(tmp, args.notes, name)
+                        if name.startswith("careloop-sqlite")
                         else _postgres_backend(args.pg_url)
                     )
+                    backend.name = name
                     results += run_careloop(backend, args, tmp)
                 else:
                     results += run_peer(name, args, tmp)

@@ -363,16 +363,17 @@ class IntakeService:
                     receipt.inbox_id = row_id
                     self._log_stored(a, receipt)
                 else:
-                    DUPLICATES.labels(source=source).inc()
+                    _child(DUPLICATES, source).inc()
                     log.info("message_duplicate", source=source, control_id=_cid(a),
                              message_type=_mtype(a))
                     receipts.append(self._reply(a, now, duplicate=True))
                     continue
                 receipts.append(receipt)
         elapsed = time.perf_counter() - started
+        latency = _child(ACK_LATENCY, source)
         for r, a in zip(receipts, assessed, strict=True):
-            MESSAGES.labels(source=source, message_type=_mtype(a), ack_code=r.code.value).inc()
-            ACK_LATENCY.labels(source=source).observe(elapsed)
+            _child(MESSAGES, source, _mtype(a), r.code.value).inc()
+            latency.observe(elapsed)
         return receipts
 
     @staticmethod
@@ -437,6 +438,18 @@ class IntakeService:
         code = AckCode.CE if h.enhanced_mode else AckCode.AR
         ack = build_ack(h, code, control_id=cid, now=now, errors=(err,))
         return Receipt(code, ack, a.codec, unavailable=True)
+
+
+_CHILDREN: dict[tuple[object, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: the lookup costs more than the increment."""
+    key = (id(metric), *labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
 
 
 def _mtype(a: Assessment) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 
 from mappings.er7 import Delimiters, Header
 
@@ -74,9 +75,13 @@ class AckError:
 
 def format_ts(now: datetime) -> str:
     """An HL7 DTM to the second with the UTC offset (``20240131093000+0100``)."""
-    ts = now.strftime("%Y%m%d%H%M%S")
-    offset = now.strftime("%z")
-    return ts + offset
+    return _format_ts(now.replace(microsecond=0))
+
+
+@lru_cache(maxsize=8)
+def _format_ts(now: datetime) -> str:
+    # Every ACK of the same second shares the string (strftime is a hot spot at high rates).
+    return now.strftime("%Y%m%d%H%M%S%z")
 
 
 def _location(loc: str, d: Delimiters) -> str:
