@@ -29,11 +29,12 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-## bench: intake, mapping and timeline (PostgreSQL) benchmarks; tables printed, JSON in bench/results/
+## bench: intake, mapping, timeline and outreach (PostgreSQL) benchmarks; tables printed, JSON in bench/results/
 bench: $(STAMP)
 	$(PY) bench/bench_intake.py
 	@if [ -f bench/bench_mappings.py ]; then $(PY) bench/bench_mappings.py; fi
 	$(PY) bench/bench_timeline.py
+	$(PY) bench/bench_outreach.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from integration.clients import Client
 from integration.db import ping
+from integration.fhir_notify import router as fhir_notify_router
+from integration.keys import JWKSFile
 from integration.logs import get_logger
 from integration.oauth import OAuthError
 from integration.runtime import Runtime
@@ -195,6 +197,14 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
             issued.as_json(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
         )
 
+    jwks_file = JWKSFile(runtime.settings.keys_dir / "jwks.json")
+
+    @app.get("/.well-known/jwks.json", tags=["auth"])
+    async def jwks() -> Response:
+        """careloop's public keys for SMART Backend Services (``careloop keys generate``)."""
+        data = await asyncio.to_thread(jwks_file.read)
+        return JSONResponse(data, headers={"Cache-Control": "public, max-age=300"})
+
     @app.get("/health/live", tags=["ops"])
     async def live() -> dict[str, str]:
         """The process is up."""
@@ -278,6 +288,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     from integration.patients_api import router as patients_router  # noqa: PLC0415
 
     app.include_router(patients_router)
+    app.include_router(fhir_notify_router)
     return app
 
 

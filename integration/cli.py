@@ -170,7 +170,7 @@ def _safe_url(url: str) -> str:
 
 
 @main.command()
-@click.option("--queues", "-Q", default="intake", show_default=True,
+@click.option("--queues", "-Q", default="intake,outreach,fhir", show_default=True,
               help="Comma-separated queues to consume.")
 @click.option("--concurrency", "-c", type=int, default=2, show_default=True)
 def worker(queues: str, concurrency: int) -> None:
@@ -523,6 +523,58 @@ def inbox_show(inbox_id: int) -> None:
         click.echo(row.app_ack.replace("\r", "\n").rstrip())
 
 
+# -- keys -------------------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """careloop's signing keys for SMART Backend Services."""
+
+
+@keys.command("generate")
+@click.option("--alg", type=click.Choice(["ES384", "RS384"]), default="ES384", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Private key file "
+              "[KEYS_DIR/careloop.pem, or careloop-KID.pem when that exists].")
+def keys_generate(alg: str, out: str | None) -> None:
+    """Make a signing key pair; its public JWK is served at /.well-known/jwks.json.
+
+    Older keys stay published until removed, so a rotation never locks careloop out.
+    """
+    from adapters.fhir import SigningKeyError
+    from integration.keys import JWKSFile
+
+    settings = _settings()
+    jwks = JWKSFile(settings.keys_dir / "jwks.json")
+    target = Path(out) if out else settings.keys_dir / "careloop.pem"
+    rotated = False
+    if out is None and target.exists():
+        target = settings.keys_dir / "careloop-next.pem"
+        rotated = True
+    try:
+        key = jwks.generate(alg, target)
+    except SigningKeyError as exc:
+        _fail(str(exc), EXIT_BAD_SETTINGS)
+    if rotated:
+        final = settings.keys_dir / f"careloop-{key.kid[:16]}.pem"
+        target.rename(final)
+        target = final
+    click.echo(
+        f"kid:         {key.kid}\nalgorithm:   {key.alg}\nprivate key: {target}\n"
+        f"public JWKS: {settings.base_url.rstrip('/')}/.well-known/jwks.json "
+        f"({jwks.path}, {len(jwks.read()['keys'])} key(s) published)"
+    )
+
+
+@keys.command("remove")
+@click.argument("kid")
+def keys_remove(kid: str) -> None:
+    """Stop publishing a key (the end of a rotation). The private key file is left alone."""
+    from integration.keys import JWKSFile
+
+    settings = _settings()
+    if not JWKSFile(settings.keys_dir / "jwks.json").remove(kid):
+        _fail(f"no published key with kid {kid}", EXIT_BAD_INPUT)
+    click.echo(f"key {kid} is no longer published")
+
+
 # -- clients -----------------------------------------------------------------------------------
 @main.group()
 def clients() -> None:
@@ -598,6 +650,92 @@ def clients_disable(client_id: str) -> None:
     if not ClientRegistry(_engine(settings)).disable(client_id):
         _fail(f"no client {client_id}", EXIT_BAD_INPUT)
     click.echo(f"client {client_id} disabled")
+
+
+
+# -- outreach ------------------------------------------------------------------------------------
+@main.group()
+def outreach() -> None:
+    """Outreach: what the pathways would send."""
+
+
+@outreach.command("preview")
+@click.argument("patient_id")
+@click.option("--at", "at", help="Plan as of this time (ISO 8601; default now).")
+def outreach_preview(patient_id: str, at: str | None) -> None:
+    """Print what would be sent to PATIENT_ID, when, on which channel, in which language, and
+    why not where a step is skipped. Plans on the current data; writes nothing."""
+    from zoneinfo import ZoneInfo
+
+    from integration.identity import resolve_id
+    from integration.outreach.state import OutreachConfig, load_snapshot
+    from integration.outreach.views import preview
+
+    settings = _settings()
+    engine = _engine(settings)
+    now = datetime.now(UTC)
+    if at:
+        try:
+            now = datetime.fromisoformat(at)
+        except ValueError:
+            _fail(f"--at {at!r} is not an ISO 8601 date or time", EXIT_BAD_SETTINGS)
+        now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    config = OutreachConfig.from_settings(settings)
+    with engine.connect() as conn:
+        survivor = resolve_id(conn, patient_id)
+        if survivor is None:
+            _fail(f"no patient {patient_id}", EXIT_BAD_INPUT)
+        lines = preview(conn, config, survivor, now)
+        recipient = load_snapshot(conn, config, [], now).recipient(config, survivor)
+    zone = recipient.timezone if isinstance(recipient.timezone, ZoneInfo) else ZoneInfo("UTC")
+    click.echo(f"patient {survivor}" + (f" (merged from {patient_id})"
+                                        if survivor != patient_id else ""))
+    if not settings.pathways:
+        click.echo("no pathways configured ([[pathways]] in CARELOOP_CONFIG)")
+        return
+    if not lines:
+        click.echo("nothing to plan: no current appointment, visit, order or care plan")
+    for line in lines:
+        when = (line.due_at.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+                if line.due_at else "-")
+        stored = f" [stored: {line.stored}]" if line.stored else ""
+        head = f"{line.pathway} step {line.step} · {line.summary}"
+        if line.outcome == "send":
+            how = f"{line.channel}, {line.language}, template {line.template}"
+            note = f" ({line.reason})" if line.reason else ""
+            click.echo(f"  SEND  {when:<22} {how}{note}\n        {head}{stored}")
+        else:
+            click.echo(f"  SKIP  {'':<22} {line.reason}\n        {head}{stored}")
+
+
+@main.group()
+def subscriptions() -> None:
+    """FHIR Subscriptions at the EHR connections."""
+
+
+@subscriptions.command("ensure")
+def subscriptions_ensure() -> None:
+    """Create, repair, renew or reactivate the Subscriptions of every [[connections]] entry.
+
+    Idempotent: a second run only keeps. Prints one line per connection and resource type;
+    exits 1 when any of them failed (the others still ran).
+    """
+    import asyncio
+
+    from integration.fhir_subscribe import ensure_subscriptions
+
+    settings = _settings()
+    if not settings.connections:
+        _fail("no [[connections]] are configured", EXIT_BAD_SETTINGS)
+    engine = _engine(settings)
+    try:
+        lines = asyncio.run(ensure_subscriptions(engine, settings))
+    finally:
+        engine.dispose()
+    for line in lines:
+        click.echo(str(line))
+    if any(line.action == "error" for line in lines):
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -126,6 +126,10 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     logging.getLogger().setLevel(numeric)
     # Alembic narrates every plugin it loads at INFO; its migrations are reported by careloop.
     logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
+    # httpx logs every request URL at INFO; a search URL can carry an identifier (an MRN), so
+    # FHIR traffic is reported through careloop's own allow-listed events instead.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> Any:

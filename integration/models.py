@@ -33,14 +33,19 @@ __all__ = [
     "audit_events",
     "entry_keys",
     "entry_sources",
+    "fhir_secrets",
+    "fhir_subscriptions",
     "inbox",
     "mapped_resources",
     "metadata",
+    "outreach_cursors",
     "patient_identifiers",
     "patient_merges",
+    "patient_preferences",
     "patients",
     "timeline_changes",
     "timeline_entries",
+    "touches",
 ]
 
 # Stable constraint names, so that migrations can refer to them on every database.
@@ -282,3 +287,94 @@ timeline_changes = Table(
     Column("at", DateTime(timezone=True), nullable=False),
 )
 """What the timeline stage changed, in order (``id``), for the outreach stage to consume."""
+
+
+# --- outreach (see integration/outreach/) ------------------------------------------------------
+
+touches = Table(
+    "touches",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(255), nullable=False, unique=True,
+           doc="idempotency key: pathway|step|entry[|activity:i:n]"),
+    Column("pathway", String(64), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("entry_id", String(32), nullable=False),
+    Column("patient_id", PatientId, nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=True, doc="NULL for a skipped step"),
+    Column("moment", DateTime(timezone=True), nullable=True,
+           doc="what the step is relative to (appointment start, visit end...)"),
+    Column("channel", String(16), nullable=False, default=""),
+    Column("address", String(320), nullable=False, default=""),
+    Column("language", String(35), nullable=False, default=""),
+    Column("template", String(64), nullable=False, default=""),
+    Column("status", String(16), nullable=False,
+           doc="scheduled | sending | sent | cancelled | skipped | failed"),
+    Column("reason", String(255), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("provider_ref", String(255), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_touches_status_due", "status", "due_at"),
+    Index("ix_touches_entry_id", "entry_id"),
+    Index("ix_touches_patient_id", "patient_id", "due_at"),
+)
+"""One row per pathway step and timeline entry: what outreach will send, sent, or why not."""
+
+patient_preferences = Table(
+    "patient_preferences",
+    metadata,
+    Column("patient_id", PatientId, primary_key=True),
+    Column("preferred_channel", String(16), nullable=True),
+    Column("language", String(35), nullable=True),
+    Column("timezone", String(64), nullable=True),
+    Column("opted_out", JSON, nullable=True, doc="channel names the patient opted out of"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""What the patient told us (STOP replies, portal settings); overrides the EHR's record."""
+
+outreach_cursors = Table(
+    "outreach_cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("last_id", BigInteger, nullable=False, default=0),
+    Column("held_since", DateTime(timezone=True), nullable=True,
+           doc="when the consumer first waited on a gap in timeline_changes ids"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""How far a stage has consumed ``timeline_changes`` (by id)."""
+
+
+# --- FHIR in (see integration/fhir_notify.py, integration/fhir_ingest.py) ---------------------
+
+fhir_secrets = Table(
+    "fhir_secrets",
+    metadata,
+    Column("connection", String(64), primary_key=True),
+    Column("secret", String(512), nullable=False,
+           doc="the channel secret given to the EHR (it must be sent again on each ensure)"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""One notification secret per ``[[connections]]`` entry."""
+
+fhir_subscriptions = Table(
+    "fhir_subscriptions",
+    metadata,
+    Column("connection", String(64), primary_key=True),
+    Column("resource_type", String(64), primary_key=True),
+    Column("subscription_id", String(255), nullable=True),
+    Column("mode", String(16), nullable=False, doc="backport | classic | poll"),
+    Column("topic", String(512), nullable=True),
+    Column("status", String(32), nullable=True),
+    Column("tracker", JSON, nullable=True, doc="subscriptions.TrackerState.to_json()"),
+    Column("poll_cursor", JSON, nullable=True, doc="subscriptions.PollCursor as JSON"),
+    Column("last_notification_at", DateTime(timezone=True), nullable=True),
+    Column("last_heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("catchup_claimed_at", DateTime(timezone=True), nullable=True,
+           doc="set while a catch-up runs: only one per subscription"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_fhir_subscriptions_subscription_id", "subscription_id"),
+)
+"""Per connection and resource type: the Subscription careloop keeps there and how far it is."""

@@ -1,4 +1,4 @@
-"""The vendor API over patients: identity lookup, the timeline, outreach (empty for now).
+"""The vendor API over patients: identity lookup, the timeline, outreach touches.
 
 * ``GET /patients?identifier=system|value`` (``timeline.read``): the patient and its
   identifiers.
@@ -6,8 +6,8 @@
   ``kind``, ``status``; keyset paging with ``cursor`` and ``limit``. ``Accept:
   application/fhir+json`` gives a FHIR searchset Bundle of the entries' resources with a
   ``next`` link, and OperationOutcome errors.
-* ``GET /patients/{id}/outreach`` (``outreach.read``): touches; ``{"items": []}`` until the
-  outreach stage exists.
+* ``GET /patients/{id}/outreach`` (``outreach.read``): touches (scheduled, sent, skipped,
+  cancelled...) with their reasons, newest first; ``status`` filter, ``cursor`` paging.
 
 A merged patient's id is resolved to its survivor (no redirect: the answer carries the
 survivor's ``patient_id`` and a ``Content-Location``). Every read of patient data writes an
@@ -35,6 +35,7 @@ from integration.clients import Client
 from integration.db import write_lock
 from integration.identity import find_by_identifier, patient_summary, resolve_id
 from integration.models import audit_events
+from integration.outreach.views import list_touches
 from integration.runtime import Runtime
 from integration.timeline import KINDS, Cursor, CursorError, TimelineQuery, read_page
 from integration.timeline.facts import parse_fhir_time
@@ -272,10 +273,41 @@ def _bundle(
     }
 
 
+_TOUCH_STATUSES = frozenset({"scheduled", "sending", "sent", "cancelled", "skipped", "failed"})
+
+
 @router.get("/patients/{patient_id}/outreach", responses={404: {"description": "no such patient"}})
-def outreach(request: Request, client: OutreachReader, patient_id: str) -> JSONResponse:
-    """Scheduled, sent and cancelled touches (none until the outreach stage exists)."""
+def outreach(
+    *,
+    request: Request,
+    client: OutreachReader,
+    patient_id: str,
+    status: Annotated[list[str] | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> JSONResponse:
+    """The patient's touches, newest first: scheduled, sent, skipped and cancelled, each with
+    its pathway, step, entry, due time, channel, language and the reason it was moved, skipped
+    or cancelled. ``status`` filters (repeat or comma-separate); ``cursor`` pages."""
     runtime = _runtime(request)
     survivor = _survivor(runtime.engine, patient_id)
-    _audit(runtime.engine, client, "outreach.read", survivor, None)
-    return JSONResponse({"patient_id": survivor, "items": [], "next_cursor": None})
+    statuses = _split(status)
+    unknown = sorted(set(statuses) - _TOUCH_STATUSES)
+    if unknown:
+        raise ApiError(400, "bad_request",
+                       f"status: {unknown[0]!r} is not one of {', '.join(sorted(_TOUCH_STATUSES))}")
+    before = None
+    if cursor is not None:
+        if not cursor.isdigit():
+            raise ApiError(400, "bad_cursor", "cursor: not a cursor from a previous page")
+        before = int(cursor)
+    with runtime.engine.connect() as conn:
+        items, next_id = list_touches(conn, survivor, limit=limit, before=before,
+                                      statuses=statuses or None)
+    _audit(runtime.engine, client, "outreach.read", survivor,
+           {"touches": len(items), "requested_id": patient_id})
+    return JSONResponse(
+        {"patient_id": survivor, "items": items,
+         "next_cursor": str(next_id) if next_id is not None else None},
+        headers={"Content-Location": f"/patients/{survivor}/outreach"},
+    )

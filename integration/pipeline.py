@@ -181,7 +181,8 @@ class WorkRow(NamedTuple):
 def _claim(conn: Connection, inbox_ids: list[int]) -> list[WorkRow]:
     query = (
         select(inbox.c.id, inbox.c.raw, inbox.c.attempts)
-        .where(inbox.c.id.in_(inbox_ids), inbox.c.status == InboxStatus.RECEIVED.value)
+        .where(inbox.c.id.in_(inbox_ids), inbox.c.status == InboxStatus.RECEIVED.value,
+               inbox.c.source != "fhir")  # FHIR notifications: integration.fhir_ingest
         .order_by(inbox.c.id)
     )
     if conn.dialect.name == "postgresql":

@@ -13,10 +13,13 @@ from integration.appacks import deliver_app_acks
 from integration.clients import ClientRegistry
 from integration.conversion import ContextFactory
 from integration.db import Checkpointer, create_db_engine
+from integration.fhir_ingest import FhirWorker
 from integration.intake import GroupCommitter, IntakeService, Receipt
 from integration.logs import get_logger
 from integration.metrics import register_queue_collector
 from integration.oauth import TokenService
+from integration.outreach.stage import OutreachStage
+from integration.outreach.state import OutreachConfig
 from integration.pipeline import (
     Dispatcher,
     InProcessDispatcher,
@@ -62,8 +65,14 @@ class Runtime:
         )
         self.contexts = ContextFactory(settings)
         self.work_pool: WorkPool | None = None
+        self.fhir: FhirWorker | None = None
+        """FHIR notifications, catch-up and polling in-process (no broker, connections set)."""
         self._swept = False
         self._inprocess: InProcessDispatcher | None = None
+        self.outreach: OutreachStage | None = None
+        """The outreach stage's in-process loop (no broker and pathways configured)."""
+        if settings.pathways and not settings.broker_url and settings.inprocess_worker:
+            self.outreach = OutreachStage(self.engine, OutreachConfig.from_settings(settings))
         if dispatcher is None:
             dispatcher = self._default_dispatcher()
         self.dispatcher = dispatcher
@@ -82,6 +91,8 @@ class Runtime:
             return _NoDispatch()
         if s.work_processes:
             self.work_pool = WorkPool(s, processes=s.work_processes)
+        if s.connections:
+            self.fhir = FhirWorker(self.engine, s)
         self._inprocess = InProcessDispatcher(
             self.process,
             threads=s.worker_threads,
@@ -96,6 +107,10 @@ class Runtime:
             contexts=self.contexts, run=self.work_pool,
         )
         deliver_app_acks(self.engine, self.settings)
+        if self.fhir is not None:
+            self.fhir.process(inbox_ids)  # the fhir rows; process_batch leaves them alone
+        if self.outreach is not None:
+            self.outreach.poke()  # new timeline changes: reconcile now, not at the next tick
         return outcomes
 
     def _sweep(self) -> list[int]:
@@ -111,8 +126,12 @@ class Runtime:
         register_queue_collector(lambda: queue_depth(self.engine))
         if self._checkpointer is not None:
             self._checkpointer.start()
+        if self.fhir is not None:
+            self.fhir.start()
         if self._inprocess is not None:
             self._inprocess.start()
+        if self.outreach is not None:
+            self.outreach.start()
         start = getattr(self.dispatcher, "start", None)
         if start is not None and self._inprocess is None:
             start()
@@ -155,6 +174,10 @@ class Runtime:
         await self.committer.stop()
         if self._inprocess is not None:
             await asyncio.to_thread(self._inprocess.stop)
+        if self.fhir is not None:
+            await asyncio.to_thread(self.fhir.stop)
+        if self.outreach is not None:
+            await asyncio.to_thread(self.outreach.stop)
         if self.work_pool is not None:
             await asyncio.to_thread(self.work_pool.close)
         if self._checkpointer is not None:

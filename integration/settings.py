@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from integration.outreach.pathways import OutreachSettings, Pathway
+from integration.outreach.pathways import Organization, OutreachSettings, Pathway
 
 __all__ = [
     "Connection",
@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     token_ttl_s: int = Field(default=300, ge=30, le=3600)
     """Lifetime of OAuth access tokens from ``POST /oauth/token``."""
 
+    keys_dir: Path = Path("var/keys")
+    """careloop's SMART Backend Services keys and the JWKS it publishes (``jwks.json``)."""
+
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
@@ -201,6 +204,8 @@ class Settings(BaseSettings):
     connections: tuple[Connection, ...] = ()
     pathways: tuple[Pathway, ...] = ()
     outreach: OutreachSettings = OutreachSettings()
+    organization: Organization = Organization()
+    """``[organization]``: name, phone and portal link shown in outreach messages."""
     authoritative_identifier_systems: tuple[str, ...] = ()
     """Identifier systems (strongest first) that decide which patient wins when one resource's
     identifiers name several known patients (e.g. the enterprise MPI's, then the main MRN)."""

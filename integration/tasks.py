@@ -23,7 +23,10 @@ from sqlalchemy import Engine
 from integration.appacks import deliver_app_acks
 from integration.conversion import ContextFactory
 from integration.db import create_db_engine
+from integration.fhir_tasks import fhir_schedule, register_fhir_tasks
 from integration.logs import get_logger
+from integration.outreach.stage import OutreachStage
+from integration.outreach.state import OutreachConfig
 from integration.pipeline import due_ids, process_batch
 from integration.settings import Settings
 
@@ -31,7 +34,7 @@ __all__ = ["QUEUES", "CeleryDispatcher", "make_celery"]
 
 log = get_logger("careloop.tasks")
 
-QUEUES = ("intake",)
+QUEUES = ("intake", "outreach", "fhir")
 _BATCH = 100
 
 
@@ -70,12 +73,15 @@ def make_celery(settings: Settings) -> Celery:
         },
         beat_schedule={
             "sweep": {"task": "careloop.sweep", "schedule": settings.sweep_interval_s},
+            **_outreach_schedule(settings),
+            **fhir_schedule(settings),
         },
     )
     engines = _EngineHolder(settings.database_url)
     contexts = ContextFactory(settings)
+    forward_fhir = register_fhir_tasks(app, settings, engines.get)
 
-    @app.task(name="careloop.process", ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name="careloop.process", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def process(inbox_ids: list[int]) -> None:
         engine = engines.get()
         process_batch(
@@ -83,8 +89,9 @@ def make_celery(settings: Settings) -> Celery:
             contexts=contexts,
         )
         deliver_app_acks(engine, settings)
+        forward_fhir(engine, inbox_ids)  # notification rows go to careloop.fhir.process
 
-    @app.task(name="careloop.sweep", ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name="careloop.sweep", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def sweep() -> int:
         deliver_app_acks(engines.get(), settings)
         ids = due_ids(engines.get())
@@ -94,7 +101,38 @@ def make_celery(settings: Settings) -> Celery:
             log.info("sweep_requeued", count=len(ids))
         return len(ids)
 
+    outreach: list[OutreachStage] = []
+
+    def stage() -> OutreachStage:
+        if not outreach or outreach[0].engine is not engines.get():
+            outreach[:] = [OutreachStage(engines.get(), OutreachConfig.from_settings(settings))]
+        return outreach[0]
+
+    # The outreach stage: beat ticks both tasks every ``outreach.interval_s``; the cursor row
+    # lock and SKIP LOCKED claims let any number of workers run them at once.
+    @app.task(name="careloop.outreach.reconcile", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
+    def outreach_reconcile() -> int:
+        return stage().reconcile().changes
+
+    @app.task(name="careloop.outreach.send_due", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
+    def outreach_send_due() -> int:
+        return stage().send_due().sent
+
     return app
+
+
+def _outreach_schedule(settings: Settings) -> dict[str, Any]:
+    if not settings.pathways:
+        return {}
+    every = settings.outreach.interval_s
+    # A tick that waits longer than a few intervals is superseded by the next one.
+    options = {"queue": "outreach", "expires": max(5.0, every * 5)}
+    return {
+        "outreach-reconcile": {"task": "careloop.outreach.reconcile", "schedule": every,
+                               "options": options},
+        "outreach-send-due": {"task": "careloop.outreach.send_due", "schedule": every,
+                              "options": options},
+    }
 
 
 class CeleryDispatcher:

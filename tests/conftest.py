@@ -29,6 +29,8 @@ TABLES = (
     "inbox", "mapped_resources", "audit_events", "api_clients",
     "timeline_changes", "entry_sources", "entry_keys", "timeline_entries",
     "patient_merges", "patient_identifiers", "patients",
+    "touches", "patient_preferences", "outreach_cursors",
+    "fhir_secrets", "fhir_subscriptions",
 )
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "CHANNELS",
+    "Organization",
     "OutreachSettings",
     "Pathway",
     "PathwayFilter",
@@ -135,6 +136,22 @@ class OutreachSettings(BaseModel):
     max_sms_segments: int = Field(default=3, ge=1, le=10)
     min_notice: timedelta = timedelta(hours=1)
     """A reminder moved out of quiet hours must still arrive this long before the moment."""
+    max_lateness: timedelta = timedelta(hours=6)
+    """A touch the sweep reaches later than this after its due time is dropped ("too late"),
+    and a reminder is never sent later than ``min_notice`` before its moment."""
+    outbox_dir: Path = Path("var/outbox")
+    """The development channel's folder: one JSON file per message under ``<channel>/``."""
+    interval_s: float = Field(default=1.0, gt=0)
+    """How often the stage reconciles timeline changes and sweeps due touches."""
+    batch: int = Field(default=500, ge=1, le=10_000)
+    """Timeline changes per reconcile transaction; due touches per sweep transaction."""
+    sending_timeout_s: float = Field(default=300.0, gt=0)
+    """A touch still ``sending`` after this long (a crash between send and record) is resolved by
+    asking the channel whether its key was delivered."""
+    gap_grace_s: float = Field(default=10.0, ge=0)
+    """How long the reconciler waits on a gap in ``timeline_changes`` ids (a transaction still
+    running on PostgreSQL, which will commit with the lower id) before stepping over it."""
+    max_attempts: int = Field(default=5, ge=1)
 
     @field_validator("quiet_hours")
     @classmethod
@@ -148,7 +165,7 @@ class OutreachSettings(BaseModel):
         _clock(end)
         return v
 
-    @field_validator("min_notice", mode="before")
+    @field_validator("min_notice", "max_lateness", mode="before")
     @classmethod
     def _notice(cls, v: object) -> object:
         return parse_offset(v) if isinstance(v, str) else v
@@ -159,3 +176,14 @@ class OutreachSettings(BaseModel):
             return None
         start, _, end = self.quiet_hours.partition("-")
         return _clock(start), _clock(end)
+
+
+class Organization(BaseModel):
+    """``[organization]``: who the messages come from (used by templates)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "Your care team"
+    phone: str = ""
+    link: str = ""
+    """The patient portal or website: where a patient confirms, reschedules, reads next steps."""

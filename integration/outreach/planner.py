@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from integration.outreach.pathways import OutreachSettings, Pathway, Trigger
@@ -145,6 +145,11 @@ def _matches(pathway: Pathway, entry: Entry) -> str | None:
     return None
 
 
+_FLOATING = timezone(timedelta(0), "floating")
+"""A date without a time (``authoredOn: 2026-02-20``) is that day in the patient's zone:
+:func:`plan` reads times in this zone as wall-clock times there."""
+
+
 def _date(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
@@ -153,7 +158,13 @@ def _date(value: object) -> datetime | None:
         parsed = datetime.fromisoformat(text if "T" in text else text + "T00:00:00")
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=_FLOATING)
+
+
+def _in_zone(moment: datetime, tz: tzinfo) -> datetime:
+    if moment.tzinfo is _FLOATING:
+        return moment.replace(tzinfo=tz)
+    return moment.astimezone(tz)
 
 
 def _duration_days(duration: object) -> float | None:
@@ -248,11 +259,15 @@ def plan(
     default_language: str,
     others: Iterable[datetime] = (),
     sent_keys: Iterable[str] = (),
+    keep: Iterable[str] = (),
 ) -> Plan:
     """The touches that should exist for ``entry`` now, and every step skipped with a reason.
 
     ``others`` are the due times of the patient's other live touches (for the caps);
-    ``sent_keys`` the keys already sent (never planned again).
+    ``sent_keys`` the keys already sent (never planned again); ``keep`` the keys already
+    scheduled (by the reconciler) or being sent (by the sender): the "its time had passed"
+    rule, which stops a late booking from getting a late reminder, does not apply to them: their
+    time passing is the sweep's business, which checks lateness itself.
     """
     result = Plan()
     ctx = _Context(
@@ -263,6 +278,7 @@ def plan(
         language=choose_language(recipient.language, languages, default_language),
         booked=sorted(others),
         sent=set(sent_keys),
+        keep=set(keep),
     )
     for pathway in pathways:
         found = _matches(pathway, entry) or moments(pathway.on, entry)
@@ -271,7 +287,10 @@ def plan(
                 key = f"{pathway.name}|{index}|{entry.id}"
                 result.skips.append(Skip(key, pathway.name, index, entry.id, found))
                 continue
-            for suffix, moment in found:
+            for suffix, at in found:
+                # Offsets are wall-clock in the patient's zone ("3 days before" a 14:00
+                # appointment is 14:00, across a daylight-saving change too).
+                moment = _in_zone(at, recipient.timezone)
                 key = f"{pathway.name}|{index}|{entry.id}{suffix}"
                 outcome = _plan_step(ctx, pathway, index, key, moment)
                 if isinstance(outcome, str):
@@ -290,6 +309,7 @@ class _Context:
     language: str
     booked: list[datetime]
     sent: set[str]
+    keep: set[str] = field(default_factory=set)
 
 
 _EVERY_CHANNEL = frozenset({"sms", "email", "voice", "portal"})
@@ -304,7 +324,7 @@ def _plan_step(
     if key in ctx.sent:
         return "already sent"
     due = moment + step.at
-    if due < ctx.now:
+    if due < ctx.now and key not in ctx.keep:
         return f"its time ({due.isoformat()}) had passed when planned"
     if recipient.opted_out >= _EVERY_CHANNEL:
         return "opted out of every channel"

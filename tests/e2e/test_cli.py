@@ -150,3 +150,25 @@ def test_broken_template_stops_the_start(tmp_path: Path, sqlite_url: str) -> Non
     result = run(["serve", "--port", "0", "--mllp-port", "0"], env, tmp_path)
     assert result.returncode == 2
     assert "bad.en.j2:" in result.stderr
+
+
+def test_keys_generate_rotate_remove(tmp_path: Path, sqlite_url: str) -> None:
+    """Generated keys are published; a second key keeps the first published; remove drops it."""
+    import json
+    import stat
+
+    env = base_env(sqlite_url) | {"CARELOOP_KEYS_DIR": str(tmp_path / "keys")}
+    first = run(["keys", "generate"], env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    pem = tmp_path / "keys" / "careloop.pem"
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    second = run(["keys", "generate", "--alg", "RS384"], env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    published = json.loads((tmp_path / "keys" / "jwks.json").read_text())["keys"]
+    assert [k["alg"] for k in published] == ["RS384", "ES384"]
+    assert all("d" not in k for k in published)
+    old_kid = published[1]["kid"]
+    assert run(["keys", "remove", old_kid], env, tmp_path).returncode == 0
+    left = json.loads((tmp_path / "keys" / "jwks.json").read_text())["keys"]
+    assert [k["kid"] for k in left] == [published[0]["kid"]]
+    assert run(["keys", "remove", old_kid], env, tmp_path).returncode == 1

@@ -129,3 +129,21 @@ class TestOps:
         r = client.get("/nope")
         assert r.status_code == 404
         assert r.json()["code"] == "not_found"
+
+
+class TestJWKS:
+    def test_published_keys_served(self, runtime: Runtime, tmp_path: object) -> None:
+        from pathlib import Path
+
+        from integration.keys import JWKSFile
+
+        folder = Path(str(tmp_path)) / "keys"
+        rt = Runtime(settings_for(str(runtime.engine.url), inprocess_worker=False,
+                                  keys_dir=folder), with_mllp=False)
+        with TestClient(create_app(rt)) as c:
+            assert c.get("/.well-known/jwks.json").json() == {"keys": []}
+            key = JWKSFile(folder / "jwks.json").generate("ES384", folder / "k.pem")
+            body = c.get("/.well-known/jwks.json").json()
+        rt.engine.dispose()
+        assert [k["kid"] for k in body["keys"]] == [key.kid]
+        assert "d" not in body["keys"][0]

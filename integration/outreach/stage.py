@@ -1,0 +1,101 @@
+"""The outreach stage as one unit: reconcile timeline changes, then sweep due touches.
+
+``careloop serve`` without a broker runs it in a thread (:meth:`OutreachStage.start`) every
+``outreach.interval_s`` and promptly after each processing batch (:meth:`OutreachStage.poke`);
+with Celery, beat schedules ``careloop.outreach.reconcile`` and ``careloop.outreach.send_due``
+on the ``outreach`` queue, which call the same :meth:`reconcile` and :meth:`send_due`. Either
+way the database decides who does what (cursor row lock, ``SKIP LOCKED`` claims), so several
+runners are safe.
+
+Channels: until the channels issue picks a class per ``[channels.<name>]`` setting, every
+channel name writes through :class:`adapters.channels.FileChannel` under
+``outreach.outbox_dir/<channel>/``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from adapters.channels import Channel, FileChannel
+from integration.logs import get_logger
+from integration.outreach.pathways import CHANNELS
+from integration.outreach.reconciler import ReconcileResult, reconcile
+from integration.outreach.sender import SweepResult, send_due
+from integration.outreach.state import OutreachConfig
+from integration.outreach.templates import TemplateCatalog
+
+__all__ = ["OutreachStage", "catalog_for", "file_channels"]
+
+log = get_logger("careloop.outreach")
+
+
+def file_channels(folder: Path) -> dict[str, Channel]:
+    """Every channel name → the development file channel under ``folder/<channel>/``."""
+    return {name: FileChannel(folder / name) for name in CHANNELS}
+
+
+def catalog_for(config: OutreachConfig) -> TemplateCatalog:
+    return TemplateCatalog(
+        config.outreach.templates_dir,
+        default_language=config.default_language,
+        max_sms_segments=config.outreach.max_sms_segments,
+    )
+
+
+class OutreachStage:
+    def __init__(
+        self,
+        engine: Engine,
+        config: OutreachConfig,
+        *,
+        channels: Mapping[str, Channel] | None = None,
+        catalog: TemplateCatalog | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.channels = channels if channels is not None else file_channels(
+            config.outreach.outbox_dir)
+        self.catalog = catalog or catalog_for(config)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reconcile(self, now: datetime | None = None) -> ReconcileResult:
+        return reconcile(self.engine, self.config, now=now)
+
+    def send_due(self, now: datetime | None = None) -> SweepResult:
+        return send_due(self.engine, self.config, self.channels, self.catalog, now=now)
+
+    def run_once(self, now: datetime | None = None) -> tuple[ReconcileResult, SweepResult]:
+        return self.reconcile(now), self.send_due(now)
+
+    # -- the in-process loop -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="outreach", daemon=True)
+            self._thread.start()
+
+    def poke(self) -> None:
+        """New timeline changes were committed: run soon rather than at the next tick."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:  # the database decides; the next tick tries again
+                log.warning("outreach_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
+            self._wake.wait(self.config.outreach.interval_s)
+            self._wake.clear()
