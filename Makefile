@@ -32,9 +32,10 @@ test: lint
 ## bench: intake, mapping, timeline and outreach (PostgreSQL) benchmarks; tables printed, JSON in bench/results/
 bench: $(STAMP)
 	$(PY) bench/bench_intake.py
-	@if [ -f bench/bench_mappings.py ]; then $(PY) bench/bench_mappings.py; fi
+	$(PY) bench/bench_mappings.py
 	$(PY) bench/bench_timeline.py
 	$(PY) bench/bench_outreach.py
+	$(PY) bench/bench_fhir.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
