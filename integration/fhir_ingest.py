@@ -190,6 +190,7 @@ class FhirIngest:
         self._clients: dict[str, FHIRApi] = {}
         self._capabilities: dict[str, ServerCapabilities] = {}
         self._identity = IdentityRules(settings.authoritative_identifier_systems)
+        self._last_ensure = time.monotonic()
 
     def client(self, connection: Connection) -> FHIRApi:
         api = self._clients.get(connection.name)
@@ -461,10 +462,29 @@ class FhirIngest:
 
     # --- timers --------------------------------------------------------------------------
 
+    async def _renew_if_due(self) -> None:
+        """Every ``subscription_renew_s``, what ``careloop subscriptions ensure`` does: renew a
+        Subscription before its ``end``, repair or re-create a changed or vanished one, and
+        reactivate one in ``error``/``off`` once caught up. Idempotent, so every process that
+        runs the timer may do it."""
+        interval = self.settings.subscription_renew_s
+        if not interval or time.monotonic() - self._last_ensure < interval:
+            return
+        self._last_ensure = time.monotonic()
+        from integration.fhir_subscribe import ensure_subscriptions  # noqa: PLC0415 - cycle
+
+        try:
+            for line in await ensure_subscriptions(self.engine, self.settings):
+                log.info("fhir_subscription_ensured", connection=line.connection,
+                         status=line.action)
+        except Exception as exc:
+            log.warning("fhir_renew_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
+
     async def tick(self) -> int:
         """One round of the timers: heartbeat/gap checks (catch-up when due) and polls that
         are due. Returns how many catch-ups and polls ran."""
         ran = 0
+        await self._renew_if_due()
         for connection in self.settings.connections:
             for rtype in connection.resource_types:
                 try:

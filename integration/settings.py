@@ -202,6 +202,9 @@ class Settings(BaseSettings):
     default_language: str = "en"
     hl7_senders: tuple[HL7Sender, ...] = ()
     connections: tuple[Connection, ...] = ()
+    subscription_renew_s: int = Field(default=3600, ge=0)
+    """How often serve and the Celery timer re-run ``subscriptions ensure`` (renew before
+    ``end``, repair, reactivate after catch-up); 0 turns it off."""
     pathways: tuple[Pathway, ...] = ()
     outreach: OutreachSettings = OutreachSettings()
     organization: Organization = Organization()

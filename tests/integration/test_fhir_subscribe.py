@@ -6,6 +6,7 @@ import itertools
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from adapters.fhir import FHIRRequest, FHIRResponse
@@ -148,3 +149,29 @@ def test_cli_ensure(db_url: str, tmp_path: Any, monkeypatch: Any) -> None:
     done = runner.invoke(main, ["subscriptions", "ensure"])
     assert done.exit_code == 0, done.output
     assert "poll" in done.output and "Appointment" in done.output
+
+
+async def test_timer_renews_subscriptions_hourly(sqlite_url: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FHIR timer re-runs ``ensure`` every ``subscription_renew_s`` (never at start)."""
+    from integration import fhir_subscribe
+    from integration.db import create_db_engine
+    from integration.fhir_ingest import FhirIngest
+    from tests.helpers import settings_for
+
+    calls: list[int] = []
+
+    async def fake_ensure(*_a: object, **_k: object) -> list[object]:
+        calls.append(1)
+        return []
+
+    monkeypatch.setattr(fhir_subscribe, "ensure_subscriptions", fake_ensure)
+    engine = create_db_engine(sqlite_url)
+    ingest = FhirIngest(engine, settings_for(sqlite_url, subscription_renew_s=3600))
+    await ingest.tick()
+    assert calls == []
+    ingest._last_ensure -= 3601
+    await ingest.tick()
+    await ingest.tick()
+    assert calls == [1]
+    engine.dispose()
