@@ -10,11 +10,6 @@ CARELOOP_REQUIRE_SERVICES=1.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -32,7 +27,6 @@ from adapters.fhir import (
     RetryableFHIRError,
     SigningKey,
     generate_signing_key,
-    jwks,
     save_private_key,
 )
 from subscriptions import (
@@ -53,38 +47,18 @@ from subscriptions import (
     run_flow,
     secret_matches,
 )
+from tests.e2e.ehr import APPOINTMENT_TOPIC, CLIENT_ID, install, running_ehr
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-HARNESS = Path(os.environ.get("CARELOOP_EHR_HARNESS", REPO.parent / "shared" / "ehr"))
-REQUIRE = os.environ.get("CARELOOP_REQUIRE_SERVICES") == "1"
-CLIENT_ID = "careloop"
-TOPIC = "http://example.org/topics/appointment-change"
+TOPIC = APPOINTMENT_TOPIC
 SECRET = "e2e-secret-0123456789abcdef"
-
-
-def _unavailable(why: str) -> None:
-    if REQUIRE:
-        pytest.fail(f"{why}; CARELOOP_REQUIRE_SERVICES=1 makes this a failure")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
 def harness_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private, installed copy of the harness (npm ci once per session)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        _unavailable("node and npm are needed for the stand-in EHR")
-    if not (HARNESS / "server.mjs").is_file():
-        _unavailable(f"stand-in EHR not found at {HARNESS}")
-    target = tmp_path_factory.mktemp("ehr") / "ehr"
-    shutil.copytree(HARNESS, target, ignore=shutil.ignore_patterns("node_modules"))
-    result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=target,
-                            capture_output=True, text=True, timeout=300, check=False)
-    if result.returncode != 0:
-        _unavailable(f"npm ci failed for the stand-in EHR: {result.stderr[-500:]}")
-    return target
+    return install(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -97,31 +71,8 @@ def ehr_origin(harness_dir: Path, signing_key: SigningKey,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The EHR on a free loopback port, auth required, careloop registered by JWKS."""
     folder = tmp_path_factory.mktemp("ehr-run")
-    clients = folder / "clients.json"
-    clients.write_text(json.dumps([{"client_id": CLIENT_ID, "jwks": jwks([signing_key]),
-                                    "scopes": "system/*.*"}]))
-    env = {**os.environ, "EHR_PORT": "0", "EHR_REQUIRE_AUTH": "1",
-           "EHR_CLIENTS_FILE": str(clients), "EHR_QUIET": "1", "EHR_NOTIFY_RETRIES": "0"}
-    log = folder / "ehr.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([shutil.which("node") or "node", "server.mjs"], cwd=harness_dir,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
-            if m:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the stand-in EHR did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield m.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_ehr(harness_dir, signing_key, folder, EHR_NOTIFY_RETRIES="0") as origin:
+        yield origin
 
 
 class Sleeps:
