@@ -37,10 +37,10 @@ from zoneinfo import ZoneInfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
-from integration.db import create_db_engine, upgrade  # noqa: E402
+from bench import pgdb  # noqa: E402
+from integration.db import create_db_engine  # noqa: E402
 from integration.models import touches  # noqa: E402
 from integration.outreach.pathways import Organization, OutreachSettings, Pathway  # noqa: E402
 from integration.outreach.reconciler import reconcile  # noqa: E402
@@ -72,21 +72,11 @@ PATHWAYS = tuple(Pathway.model_validate(p) for p in (
 
 
 def create_database() -> str:
-    admin = create_engine(SERVER, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{DB}"'))
-    admin.dispose()
-    url = make_url(SERVER).set(database=DB).render_as_string(hide_password=False)
-    upgrade(url)
-    return url
+    return pgdb.create_database(SERVER, DB)
 
 
 def drop_database() -> None:
-    admin = create_engine(SERVER, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)'))
-    admin.dispose()
+    pgdb.drop_database(SERVER, DB)
 
 
 def _start(n: int, due: int) -> datetime:

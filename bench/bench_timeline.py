@@ -36,10 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 
-from integration.db import create_db_engine, upgrade  # noqa: E402
+from bench import pgdb  # noqa: E402
+from integration.db import create_db_engine  # noqa: E402
 from integration.timeline import (  # noqa: E402
     Cursor,
     SourceRef,
@@ -64,21 +63,11 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def create_database() -> str:
-    admin = create_engine(SERVER, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{DB}"'))
-    admin.dispose()
-    url = make_url(SERVER).set(database=DB).render_as_string(hide_password=False)
-    upgrade(url)
-    return url
+    return pgdb.create_database(SERVER, DB)
 
 
 def drop_database() -> None:
-    admin = create_engine(SERVER, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)'))
-    admin.dispose()
+    pgdb.drop_database(SERVER, DB)
 
 
 def _resource(n: int, patient: str) -> str:
