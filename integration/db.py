@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -23,24 +24,36 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 class _WriteGate:
     """A lock with two classes of writer: the ACK path (``urgent``) goes before background
-    stages, which wait while an urgent writer holds or wants the lock."""
+    stages, which wait while an urgent writer holds or wants the lock, but never for longer
+    than ``max_background_wait_s``: past that, the next turn is theirs, so a saturated intake
+    delays processing without starving it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_background_wait_s: float = 0.05) -> None:
         self._cond = threading.Condition()
         self._held = False
         self._urgent_waiting = 0
+        self._background_since: list[float] = []
+        self._max_wait = max_background_wait_s
+
+    def _background_overdue(self, now: float) -> bool:
+        return bool(self._background_since) and now - min(self._background_since) > self._max_wait
 
     @contextlib.contextmanager
     def hold(self, urgent: bool) -> Iterator[None]:
         with self._cond:
             if urgent:
                 self._urgent_waiting += 1
-                while self._held:
-                    self._cond.wait()
+                while self._held or self._background_overdue(time.monotonic()):
+                    self._cond.wait(self._max_wait)
                 self._urgent_waiting -= 1
             else:
-                while self._held or self._urgent_waiting:
-                    self._cond.wait()
+                since = time.monotonic()
+                self._background_since.append(since)
+                while self._held or (
+                    self._urgent_waiting and time.monotonic() - since <= self._max_wait
+                ):
+                    self._cond.wait(self._max_wait)
+                self._background_since.remove(since)
             self._held = True
         try:
             yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -247,3 +248,62 @@ class TestConcurrentClaims:
             attempts = conn.execute(select(inbox.c.attempts)).scalars().all()
         assert set(attempts) == {1}
         engine.dispose()
+
+
+class TestWriteGate:
+    def test_background_writer_not_starved_by_a_busy_ack_path(self) -> None:
+        """An intake that always wants the lock still lets a background writer in within its
+        bounded wait."""
+        from integration.db import _WriteGate
+
+        gate = _WriteGate(max_background_wait_s=0.02)
+        stop = threading.Event()
+        got: list[float] = []
+
+        def intake() -> None:
+            while not stop.is_set():
+                with gate.hold(urgent=True):
+                    time.sleep(0.002)
+
+        threads = [threading.Thread(target=intake) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            start = time.monotonic()
+            with gate.hold(urgent=False):
+                got.append(time.monotonic() - start)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert got and got[0] < 0.5
+
+    def test_urgent_writer_goes_first(self) -> None:
+        """With both kinds waiting, the ACK path takes the next turn."""
+        from integration.db import _WriteGate
+
+        gate = _WriteGate(max_background_wait_s=5)
+        order: list[str] = []
+        release = threading.Event()
+
+        def holder() -> None:
+            with gate.hold(urgent=False):
+                release.wait(5)
+
+        def writer(name: str, urgent: bool) -> None:
+            with gate.hold(urgent=urgent):
+                order.append(name)
+
+        first = threading.Thread(target=holder)
+        first.start()
+        time.sleep(0.05)
+        background = threading.Thread(target=writer, args=("background", False))
+        background.start()
+        time.sleep(0.05)
+        urgent = threading.Thread(target=writer, args=("urgent", True))
+        urgent.start()
+        time.sleep(0.05)
+        release.set()
+        for t in (first, background, urgent):
+            t.join(5)
+        assert order == ["urgent", "background"]
