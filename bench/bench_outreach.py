@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,19 +57,11 @@ NY = ZoneInfo("America/New_York")
 PLAN_AT = datetime(2026, 3, 2, 9, 0, tzinfo=NY)
 SWEEP_AT = datetime(2026, 3, 9, 10, 0, tzinfo=NY)
 
-PATHWAYS = tuple(Pathway.model_validate(p) for p in (
-    {"name": "appointment-reminder", "on": "appointment", "when": {"status": ["booked"]},
-     "steps": [{"at": "-P3D", "channel": "preferred", "template": "appointment-reminder"},
-               {"at": "-PT2H", "channel": "sms", "template": "appointment-reminder-short"}]},
-    {"name": "visit-followup", "on": "visit-end",
-     "steps": [{"at": "PT4H", "template": "visit-followup"}]},
-    {"name": "survey", "on": "visit-end", "survey_url": "https://survey.example/s/{entry}",
-     "steps": [{"at": "P1D", "channel": "email", "template": "survey"}]},
-    {"name": "refill-reminder", "on": "medication-refill",
-     "steps": [{"at": "-P5D", "template": "refill-reminder"}]},
-    {"name": "careplan-step", "on": "careplan-activity",
-     "steps": [{"at": "-P1D", "template": "careplan-step"}]},
-))
+# The five pathways as the example configuration defines them (one source of truth).
+PATHWAYS = tuple(
+    Pathway.model_validate(p)
+    for p in tomllib.loads((ROOT / "deploy" / "careloop.example.toml").read_text())["pathways"]
+)
 
 
 def create_database() -> str:
