@@ -14,11 +14,19 @@ named after its key and published atomically (written to a temporary file, then 
 place, which fails if the name exists), so a send is idempotent by key even across processes
 and crashes.
 
-Real providers (the channels issue) carry the key to the provider so that it, too, drops a
-repeat: Twilio's ``I-Twilio-Idempotency-Token`` header, an SMTP ``Message-ID`` derived from the
-key (looked up in the sent folder or the provider's event log for ``lookup``), a voice call's
-``StatusCallback`` tagged with the key; where a provider keeps no such memory, ``lookup`` asks
-its message log filtered by the key stored in the message metadata.
+Real providers carry the key to the provider so that it, too, can drop a repeat: Twilio's
+``Idempotency-Key`` / ``I-Twilio-Idempotency-Token`` headers (:mod:`adapters.twilio`), an SMTP
+``Message-ID`` derived from the key (:mod:`adapters.email`), a ``StatusCallback`` URL tagged
+with the key so that delivery receipts name the touch. Neither Twilio nor SMTP keeps a memory
+the channel can ask, so their ``lookup`` returns ``None``; the integration layer answers the
+question from the status callbacks it stored (they carry the key).
+
+Whether a repeated ``send`` is safe is told by an optional attribute, not a protocol member:
+``idempotent: bool`` on the channel object (read as ``getattr(channel, "idempotent", False)``).
+``True`` means the channel itself drops a second delivery of a key (:class:`FileChannel`, or a
+provider that honours the idempotency key); ``False`` means a retry after an ambiguous failure
+(a timeout once the request was sent) may deliver twice, so the caller should ``lookup`` or ask
+its stored callbacks first.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ class OutgoingMessage:
     subject: str
     body: str
     html: str | None = None
+    reply_url: str | None = None
+    """Where the recipient's answer goes: for voice, the URL Twilio posts the pressed key to
+    (the ``<Gather action>``); ``None`` when no answer is collected."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,11 @@ class Receipt:
 
 class ChannelError(Exception):
     """A message could not be handed to the channel; ``retryable`` says whether to try again
-    later (provider down, rate limited) or give up (bad address)."""
+    later (provider down, rate limited) or give up (bad address). ``maybe_sent`` is true when
+    the provider may have taken the message anyway (a timeout after the request went out): a
+    channel that is not ``idempotent`` must not be asked again for that key."""
+
+    maybe_sent: bool = False
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
@@ -68,6 +83,13 @@ class ChannelError(Exception):
 
 
 class Channel(Protocol):
+    """What the sender needs of a channel: :meth:`send` and :meth:`lookup`.
+
+    Implementations may also carry ``idempotent: bool`` (see the module docstring); it is read
+    with ``getattr(channel, "idempotent", False)`` and is deliberately not part of the protocol,
+    so a channel without it is taken as not idempotent.
+    """
+
     def send(self, message: OutgoingMessage) -> Receipt: ...
 
     def lookup(self, key: str) -> Receipt | None: ...
@@ -84,6 +106,9 @@ def file_name(key: str) -> str:
 
 class FileChannel:
     """Writes each message as ``<folder>/<key-safe-name>.json`` (development and tests)."""
+
+    idempotent = True
+    """A second send of a key finds the first file and delivers nothing."""
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
