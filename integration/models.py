@@ -45,6 +45,10 @@ __all__ = [
     "patients",
     "timeline_changes",
     "timeline_entries",
+    "address_optouts",
+    "channel_events",
+    "ehr_outbox",
+    "patient_requests",
     "touches",
 ]
 
@@ -314,9 +318,13 @@ touches = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("sent_at", DateTime(timezone=True), nullable=True),
     Column("provider_ref", String(255), nullable=True),
+    Column("body", Text, nullable=True, doc="the message as sent (rendered), for the record"),
+    Column("delivery", String(16), nullable=True,
+           doc="the provider's last delivery status: queued | sent | delivered | failed ..."),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_touches_status_due", "status", "due_at"),
+    Index("ix_touches_address", "address", "sent_at"),
     Index("ix_touches_entry_id", "entry_id"),
     Index("ix_touches_patient_id", "patient_id", "due_at"),
 )
@@ -378,3 +386,81 @@ fhir_subscriptions = Table(
     Index("ix_fhir_subscriptions_subscription_id", "subscription_id"),
 )
 """Per connection and resource type: the Subscription careloop keeps there and how far it is."""
+
+
+# --- channels, replies and write-back (integration/replies/, integration/writeback/) ---------
+
+channel_events = Table(
+    "channel_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("channel", String(16), nullable=False, doc="sms | email | voice | portal"),
+    Column("kind", String(16), nullable=False, doc="status | inbound | portal"),
+    Column("provider_id", String(255), nullable=False,
+           doc="the provider's id for the event (idempotency: one row per id)"),
+    Column("address", String(320), nullable=False, default="", doc="the patient's address"),
+    Column("touch_key", String(255), nullable=True, doc="the touch it is about, when known"),
+    Column("payload", JSON, nullable=False, doc="the webhook's parameters as received"),
+    Column("status", String(16), nullable=False, doc="pending | processed | failed"),
+    Column("result", String(255), nullable=True, doc="what processing did, or why it failed"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("processed_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("channel", "kind", "provider_id",
+                     name="uq_channel_events_channel_kind_provider_id"),
+    Index("ix_channel_events_status", "status", "id"),
+)
+"""Provider webhooks (delivery receipts, replies) and portal actions, stored before the 2xx."""
+
+address_optouts = Table(
+    "address_optouts",
+    metadata,
+    Column("channel", String(16), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("event_id", BigInteger, nullable=True, doc="the channel event that opted out"),
+)
+"""Per channel and address (CTIA: STOP opts that number out of that channel)."""
+
+patient_requests = Table(
+    "patient_requests",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("entry_id", String(32), nullable=False),
+    Column("patient_id", PatientId, nullable=False),
+    Column("action", String(16), nullable=False,
+           doc="confirm | cancel | reschedule | survey"),
+    Column("source", String(16), nullable=False, doc="sms | voice | email | portal"),
+    Column("event_id", BigInteger, nullable=True, doc="channel_events row that carried it"),
+    Column("touch_key", String(255), nullable=True),
+    Column("detail", JSON, nullable=True, doc="survey answers, preferred times..."),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("event_id", "action", name="uq_patient_requests_event_id"),
+    Index("ix_patient_requests_entry_id", "entry_id", "action"),
+)
+"""What patients asked for (confirm, cancel, reschedule, survey answers), one row per request."""
+
+ehr_outbox = Table(
+    "ehr_outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(255), nullable=False, unique=True,
+           doc="identifier value (system urn:careloop:writeback): one write per key, ever"),
+    Column("connection", String(64), nullable=False),
+    Column("resource_type", String(64), nullable=False,
+           doc="Communication | AppointmentResponse | Task | Appointment"),
+    Column("operation", String(16), nullable=False, doc="create | update"),
+    Column("target", String(512), nullable=True, doc="update: the resource (Type/id) to change"),
+    Column("resource", JSON, nullable=False, doc="create: the resource; update: the change"),
+    Column("status", String(16), nullable=False, doc="pending | sending | written | failed"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text, nullable=True, doc="OperationOutcome text of a rejection"),
+    Column("ehr_ref", String(512), nullable=True, doc="Type/id in the EHR once written"),
+    Column("touch_id", BigInteger, nullable=True),
+    Column("event_id", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_ehr_outbox_status_next", "status", "next_attempt_at"),
+)
+"""The write-back outbox: every write careloop owes an EHR, retried until written or rejected."""

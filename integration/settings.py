@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,13 +23,17 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from integration.outreach.pathways import Organization, OutreachSettings, Pathway
+from integration.outreach.pathways import Organization, OutreachSettings, Pathway, parse_offset
 
 __all__ = [
+    "Channels",
     "Connection",
+    "EmailChannel",
     "HL7Sender",
+    "PortalChannel",
     "Settings",
     "SettingsError",
+    "SmsChannel",
     "describe_error",
     "load_settings",
 ]
@@ -88,6 +93,11 @@ class Connection(BaseModel):
     heartbeat_s: int = Field(default=60, ge=0)
     poll_interval_s: int = Field(default=60, ge=1)
     write_back: bool = True
+    """Write a Communication for each touch and reply (and patients' requests) to this EHR."""
+    appointment_updates: bool = False
+    """The EHR lets careloop update Appointments: a confirmation sets the patient participant's
+    status, a cancellation the appointment's status. Off: an AppointmentResponse records a
+    confirmation and a Task asks staff to cancel or reschedule."""
 
     @field_validator("fhir_base")
     @classmethod
@@ -103,6 +113,85 @@ class Connection(BaseModel):
                 raise ValueError(
                     f"connection {self.name!r}: backport mode needs a topic for {missing[0]}"
                 )
+
+
+def _secret_value(v: object, info: Any) -> object:
+    return _resolve_secret(v, info.field_name) if isinstance(v, str) else v
+
+
+class SmsChannel(BaseModel):
+    """``[channels.sms]`` and ``[channels.voice]``: ``file`` (development: one JSON file per
+    message under ``outreach.outbox_dir``) or a Twilio-compatible REST API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    provider: Literal["file", "twilio"] = "file"
+    base_url: str = "https://api.twilio.com"
+    account: str = ""
+    """Account SID (``env:VAR`` reads it from the environment)."""
+    token: str = ""
+    """Auth token: signs requests to the provider and verifies its webhooks."""
+    from_number: str = Field(default="", alias="from")
+    status_callbacks: bool = True
+    """Ask the provider for delivery receipts at ``{base_url}/channels/<name>/status``."""
+    idempotent: bool = False
+    """The provider honours our ``Idempotency-Key``: a send interrupted by a crash may then be
+    repeated safely. Off (Twilio itself): an interrupted send is not repeated (at most once)."""
+
+    _secrets = field_validator("account", "token")(_secret_value)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.provider == "twilio" and not (self.account and self.token and self.from_number):
+            raise ValueError("provider twilio needs account, token and from")
+
+
+class EmailChannel(BaseModel):
+    """``[channels.email]``: ``file`` or SMTP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    provider: Literal["file", "smtp"] = "file"
+    host: str = "localhost"
+    port: int = Field(default=587, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str = ""
+    password: str = ""
+    from_address: str = Field(default="", alias="from")
+
+    _secrets = field_validator("username", "password")(_secret_value)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.provider == "smtp" and not self.from_address:
+            raise ValueError("provider smtp needs from")
+
+
+class PortalChannel(BaseModel):
+    """``[channels.portal]``: careloop's own patient page, reached by signed expiring links."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: str = ""
+    """Signs the links (``env:VAR`` allowed). Empty: a random secret kept in ``keys_dir``."""
+    link_ttl: timedelta = timedelta(days=14)
+    """How long a link in a message stays valid (ISO 8601 duration, e.g. ``P14D``)."""
+
+    _secrets = field_validator("secret")(_secret_value)
+
+    @field_validator("link_ttl", mode="before")
+    @classmethod
+    def _ttl(cls, v: object) -> object:
+        return parse_offset(v) if isinstance(v, str) else v
+
+
+class Channels(BaseModel):
+    """``[channels.*]``: which class sends each channel (see INTERFACE.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sms: SmsChannel = SmsChannel()
+    voice: SmsChannel = SmsChannel()
+    email: EmailChannel = EmailChannel()
+    portal: PortalChannel = PortalChannel()
 
 
 class HL7Sender(BaseModel):
@@ -209,6 +298,11 @@ class Settings(BaseSettings):
     outreach: OutreachSettings = OutreachSettings()
     organization: Organization = Organization()
     """``[organization]``: name, phone and portal link shown in outreach messages."""
+    channels: Channels = Channels()
+    write_back_connection: str | None = None
+    """The connection that receives write-backs for entries that came from HL7v2 feeds
+    (default: the first ``[[connections]]`` entry with ``write_back``). Entries that came from
+    an EHR over FHIR are written back to that EHR."""
     authoritative_identifier_systems: tuple[str, ...] = ()
     """Identifier systems (strongest first) that decide which patient wins when one resource's
     identifiers name several known patients (e.g. the enterprise MPI's, then the main MRN)."""
@@ -246,10 +340,24 @@ class Settings(BaseSettings):
             raise ValueError("mllp_tls_cert and mllp_tls_key go together: set both or neither")
         if self.mllp_tls_client_ca is not None and self.mllp_tls_cert is None:
             raise ValueError("mllp_tls_client_ca needs mllp_tls_cert and mllp_tls_key")
+        if self.write_back_connection and self.connection(self.write_back_connection) is None:
+            raise ValueError(f"write_back_connection: no [[connections]] entry is called "
+                             f"{self.write_back_connection!r}")
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def write_back_target(self, source_connection: str | None = None) -> Connection | None:
+        """Where write-backs for an entry go: its own FHIR connection when it has write-back
+        on, else ``write_back_connection``, else the first connection with write-back."""
+        if source_connection:
+            own = self.connection(source_connection)
+            if own is not None:
+                return own if own.write_back else None
+        if self.write_back_connection:
+            return self.connection(self.write_back_connection)
+        return next((c for c in self.connections if c.write_back), None)
 
     def connection(self, name: str) -> Connection | None:
         """The ``[[connections]]`` entry called ``name``, if any."""

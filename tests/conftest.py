@@ -31,6 +31,7 @@ TABLES = (
     "patient_merges", "patient_identifiers", "patients",
     "touches", "patient_preferences", "outreach_cursors",
     "fhir_secrets", "fhir_subscriptions",
+    "channel_events", "address_optouts", "patient_requests", "ehr_outbox",
 )
 
 
