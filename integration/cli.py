@@ -738,5 +738,69 @@ def subscriptions_ensure() -> None:
         sys.exit(1)
 
 
+# -- write-back ---------------------------------------------------------------------------------
+@main.group()
+def writeback() -> None:
+    """The write-back outbox: Communications, AppointmentResponses, Tasks and Appointment
+    updates owed to the EHRs."""
+
+
+@writeback.command("list")
+@click.option("--status", type=click.Choice(["pending", "sending", "failed", "written"]),
+              help="Only rows in this state.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def writeback_list(status: str | None, limit: int) -> None:
+    """List outbox rows, newest first: id, key, connection, type, state, attempts, next try,
+    and the EHR reference once written or the error of the last try."""
+    from sqlalchemy import select
+
+    from integration.models import ehr_outbox as table
+
+    settings = _settings()
+    engine = _engine(settings)
+    query = select(
+        table.c.id, table.c.key, table.c.connection, table.c.resource_type, table.c.operation,
+        table.c.status, table.c.attempts, table.c.next_attempt_at, table.c.ehr_ref,
+        table.c.last_error,
+    ).order_by(table.c.id.desc()).limit(limit)
+    if status:
+        query = query.where(table.c.status == status)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    click.echo(f"{'ID':>8}  {'KEY':<32}  {'CONNECTION':<14}  {'TYPE':<19}  {'STATUS':<7}  "
+               f"{'TRIES':>5}  {'NEXT TRY':<19}  REFERENCE / ERROR")
+    for r in rows:
+        kind = r.resource_type + (" (update)" if r.operation == "update" else "")
+        when = (r.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S")
+                if r.status == "pending" and r.next_attempt_at else "")
+        said = r.ehr_ref or (r.last_error or "").replace("\n", " ")[:80]
+        click.echo(f"{r.id:>8}  {r.key[:32]:<32}  {r.connection[:14]:<14}  {kind[:19]:<19}  "
+                   f"{r.status:<7}  {r.attempts:>5}  {when:<19}  {said}")
+
+
+@writeback.command("replay")
+@click.option("--id", "ids", type=int, multiple=True,
+              help="Only these outbox ids (repeatable); failed or waiting rows.")
+@click.option("--failed", is_flag=True, help="Every failed row.")
+def writeback_replay(ids: tuple[int, ...], failed: bool) -> None:
+    """Write rows again: failed ones (a rejection fixed at the EHR or in the configuration),
+    or waiting ones now rather than after their backoff. The running service (or the
+    writeback queue's workers) writes them; written rows are never written twice."""
+    from integration.writeback import replay
+
+    if not ids and not failed:
+        _fail("name rows with --id or use --failed", EXIT_BAD_SETTINGS)
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        count = replay(engine, ids=list(ids) or None, failed=failed)
+    finally:
+        engine.dispose()
+    if not count:
+        click.echo("nothing to replay")
+        return
+    click.echo(f"{count} row{'s' if count != 1 else ''} will be written again")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

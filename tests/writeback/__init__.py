@@ -1,0 +1,1 @@
+"""Tests of the write-back outbox (integration/writeback)."""
