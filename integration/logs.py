@@ -28,6 +28,7 @@ ALLOWED_KEYS = frozenset(
         "logger",
         "inbox_id",
         "inbox_ids",
+        "event_id",
         "control_id",
         "message_type",
         "sender",

@@ -44,6 +44,10 @@ class Entry:
     last_dispense: datetime | None = None
     """For medication orders: when it was last dispensed (a MedicationDispense on the
     timeline), which restarts the supply clock."""
+    held: str | None = None
+    """Why the patient's own request stops outreach about this entry ("the patient asked to
+    cancel"), or None. Holds every pathway but visit-end ones (a visit that happened anyway
+    still gets its follow-up)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Entry:
@@ -323,6 +327,8 @@ def _plan_step(
     recipient, settings = ctx.recipient, ctx.settings
     if key in ctx.sent:
         return "already sent"
+    if ctx.entry.held and pathway.on is not Trigger.VISIT_END:
+        return ctx.entry.held
     due = moment + step.at
     if due < ctx.now and key not in ctx.keep:
         return f"its time ({due.isoformat()}) had passed when planned"

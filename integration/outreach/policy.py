@@ -8,6 +8,7 @@ UTC, never by guessing an offset.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta, tzinfo
@@ -20,7 +21,21 @@ __all__ = [
     "choose_language",
     "in_quiet_hours",
     "next_allowed",
+    "normal_address",
 ]
+
+_PHONE_NOISE = re.compile(r"[\s\-.()/]+")
+
+
+def normal_address(channel: str, value: str) -> str:
+    """An address as compared and stored for opt-outs and reply matching: a phone number
+    without spaces, dashes, dots, slashes and parentheses (a leading ``+`` kept), so that
+    ``+1 (555) 555-0101`` in a record and ``+15555550101`` from a provider are one number; an
+    email address trimmed and lower-cased. No country code is guessed."""
+    text = value.strip()
+    if channel == "email" or "@" in text:
+        return text.lower()
+    return _PHONE_NOISE.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,9 @@ class Recipient:
     portal: bool = False
     """Whether the patient can be reached on the portal page."""
     given_name: str = ""
+    blocked: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+    """``(channel, address)`` pairs that opted out (a STOP reply from that number), addresses
+    as :func:`normal_address` gives them: never used on that channel, whoever the patient."""
 
 
 def _local(moment: datetime, tz: tzinfo) -> datetime:
@@ -119,9 +137,11 @@ def cap_reached(
 _PHONE_CHANNELS = {"sms": ("mobile", ""), "voice": ("mobile", "home", "work", "")}
 
 
-def _address(channel: str, recipient: Recipient) -> str | None:
+def _reach(channel: str, recipient: Recipient) -> tuple[str | None, bool]:
+    """The address for ``channel`` and whether an opted-out address was passed over (so that
+    "no contact" and "opted out" can be told apart)."""
     if channel == "portal":
-        return "portal" if recipient.portal else None
+        return ("portal" if recipient.portal else None), False
     system = "email" if channel == "email" else "phone"
     candidates = [
         cp
@@ -133,10 +153,16 @@ def _address(channel: str, recipient: Recipient) -> str | None:
     if channel == "sms":
         # Texts go to mobiles: a number marked home or work is a landline until told otherwise.
         candidates = [cp for cp in candidates if cp.system == "sms" or cp.use in ("mobile", "")]
+    blocked = False
+    if recipient.blocked:
+        allowed = [cp for cp in candidates
+                   if (channel, normal_address(channel, cp.value)) not in recipient.blocked]
+        blocked = len(allowed) < len(candidates)
+        candidates = allowed
     if not candidates:
-        return None
+        return None, blocked
     candidates.sort(key=lambda cp: (cp.rank if cp.rank is not None else 1_000, cp.use != "mobile"))
-    return candidates[0].value
+    return candidates[0].value, blocked
 
 
 def choose_channel(
@@ -146,13 +172,17 @@ def choose_channel(
 
     A named channel is used as is (if reachable and not opted out). ``preferred`` takes the
     patient's stated preference, then the channel of their best-ranked contact point, then the
-    pathway's fallback order.
+    pathway's fallback order. An address that opted out (``recipient.blocked``) is passed over
+    like a channel the patient opted out of: another address on the channel, else the next
+    channel.
     """
     if step_channel != "preferred":
         if step_channel in recipient.opted_out:
             return f"opted out of {step_channel}"
-        address = _address(step_channel, recipient)
-        return (step_channel, address) if address else f"no {step_channel} contact"
+        address, blocked = _reach(step_channel, recipient)
+        if address:
+            return step_channel, address
+        return f"opted out of {step_channel}" if blocked else f"no {step_channel} contact"
     order: list[str] = []
     if recipient.preferred_channel:
         order.append(recipient.preferred_channel)
@@ -168,10 +198,10 @@ def choose_channel(
         if channel in recipient.opted_out:
             tried.append(f"{channel}: opted out")
             continue
-        address = _address(channel, recipient)
+        address, blocked = _reach(channel, recipient)
         if address:
             return channel, address
-        tried.append(f"{channel}: no contact")
+        tried.append(f"{channel}: opted out" if blocked else f"{channel}: no contact")
     return "no channel: " + ", ".join(tried) if tried else "no channel"
 
 

@@ -9,7 +9,11 @@ disagree about what "current" means:
 * each patient as a :class:`~integration.outreach.policy.Recipient`: telecom (use, rank),
   ``Patient.communication`` (preferred first; PID-15 arrives as that), the given name; then
   ``patient_preferences`` on top (channel, language, time zone, opt-outs), including the rows of
-  patients merged into this one (an opt-out under an old id still counts);
+  patients merged into this one (an opt-out under an old id still counts); and the addresses
+  among its telecom that opted out (``address_optouts``: a STOP reply from that number);
+* what the patient asked about each entry (``patient_requests``): the latest of confirm,
+  cancel and reschedule decides; a cancel holds the entry's outreach for good, a reschedule
+  until the entry's time changes (the clinic moved it);
 * the touches stored for the entries, and the patient's other live touches (for the caps).
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,23 +29,27 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import ARRAY, ColumnElement, Connection, String, and_, any_, bindparam, or_, select
 
 from integration.models import (
+    address_optouts,
     patient_preferences,
+    patient_requests,
     patients,
     timeline_entries,
     touches,
 )
 from integration.outreach.pathways import Organization, OutreachSettings, Pathway, Trigger
 from integration.outreach.planner import Entry, Plan, plan
-from integration.outreach.policy import ContactPoint, Recipient
+from integration.outreach.policy import ContactPoint, Recipient, normal_address
 
 __all__ = [
     "FINAL",
+    "HOLDING_ACTIONS",
     "LIVE",
     "PLANNED_KINDS",
     "OutreachConfig",
     "Snapshot",
     "StoredTouch",
     "applies",
+    "entry_time_key",
     "load_snapshot",
     "one_of",
 ]
@@ -53,6 +61,10 @@ FINAL = ("sending", "sent", "failed")
 """Touches the planner must not plan again (a step goes out at most once)."""
 _CHUNK = 1000
 _CAP_WINDOW = timedelta(days=8)
+HOLDING_ACTIONS = ("confirm", "cancel", "reschedule")
+"""Patient requests that decide whether an entry's outreach is held (the latest one wins:
+"X" then "C" is a patient who changed their mind)."""
+_HELD = {"cancel": "the patient asked to cancel", "reschedule": "the patient asked to reschedule"}
 
 # ISO 639-2 codes some senders put in PID-15 (table 0296 is user-defined).
 _LANG3 = {"eng": "en", "spa": "es", "fra": "fr", "fre": "fr", "deu": "de", "ger": "de",
@@ -256,6 +268,7 @@ def load_snapshot(
                 requests.append(entry)
     if requests:
         _last_dispenses(conn, snap, requests)
+    _held(conn, snap)
     patient_ids = sorted({e.patient_id for e in snap.entries.values()})
     _recipients(conn, config, snap, patient_ids)
     tt = touches
@@ -340,6 +353,63 @@ def _recipients(
         snap.recipients[pid] = recipient_for(
             config, pid, records.get(pid, (None, {}))[1], prefs.get(pid, [])
         )
+    _blocked(conn, snap)
+
+
+_ADDRESS_CHANNELS = {"email": ("email",), "phone": ("sms", "voice"), "sms": ("sms",)}
+
+
+def _blocked(conn: Connection, snap: Snapshot) -> None:
+    """Mark on each recipient the telecom addresses that opted out (per channel)."""
+    wanted: dict[str, set[str]] = defaultdict(set)  # normal address -> patient ids
+    for pid, recipient in snap.recipients.items():
+        for cp in recipient.telecom:
+            for channel in _ADDRESS_CHANNELS.get(cp.system, ()):
+                wanted[normal_address(channel, cp.value)].add(pid)
+    if not wanted:
+        return
+    found: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    o = address_optouts
+    for chunk in _chunks(sorted(wanted)):
+        for r in conn.execute(select(o.c.channel, o.c.address)
+                              .where(one_of(conn, o.c.address, chunk))):
+            for pid in wanted.get(r.address, ()):
+                found[pid].add((r.channel, r.address))
+    for pid, pairs in found.items():
+        snap.recipients[pid] = replace(snap.recipients[pid], blocked=frozenset(pairs))
+
+
+def _held(conn: Connection, snap: Snapshot) -> None:
+    """The latest confirm / cancel / reschedule request of each entry; a cancel holds the
+    entry, a reschedule holds it while its time is the one the patient asked about."""
+    latest: dict[str, Any] = {}
+    r = patient_requests
+    for chunk in _chunks(sorted(snap.entries)):
+        rows = conn.execute(
+            select(r.c.id, r.c.entry_id, r.c.action, r.c.detail)
+            .where(one_of(conn, r.c.entry_id, chunk), r.c.action.in_(HOLDING_ACTIONS))
+            .order_by(r.c.id)
+        )
+        for row in rows:
+            latest[row.entry_id] = row
+    for entry_id, row in latest.items():
+        reason = _HELD.get(row.action)
+        if reason is None:
+            continue
+        entry = snap.entries[entry_id]
+        if row.action == "reschedule":
+            asked_about = (row.detail or {}).get("entry_time") if isinstance(
+                row.detail, dict) else None
+            if asked_about and entry.time is not None and asked_about != entry_time_key(
+                    entry.time):
+                continue  # the clinic moved it since: remind about the new time
+        snap.entries[entry_id] = replace(entry, held=reason)
+
+
+def entry_time_key(value: datetime) -> str:
+    """An entry's time as recorded with a reschedule request (UTC ISO 8601), to tell later
+    whether the clinic has moved the entry since."""
+    return value.astimezone(UTC).isoformat()
 
 
 def recipient_for(

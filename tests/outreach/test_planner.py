@@ -120,6 +120,16 @@ class TestAppointmentReminders:
         result = run([REMINDER], appointment(), recipient=r)
         assert result.touches == []
 
+    def test_held_by_the_patients_request(self) -> None:
+        """An entry the patient asked to cancel gets no reminder, each step skipped with the
+        reason; a visit-end pathway still applies once the visit happened anyway."""
+        result = run([REMINDER], appointment(held="the patient asked to cancel"))
+        assert result.touches == []
+        assert {s.reason for s in result.skips} == {"the patient asked to cancel"}
+        done = appointment(status="fulfilled", start=datetime(2026, 3, 1, 9, 0, tzinfo=NY),
+                           held="the patient asked to cancel")
+        assert run([FOLLOWUP], done).touches
+
     def test_service_type_filter(self) -> None:
         pathway = REMINDER.model_copy(update={"when": REMINDER.when.model_copy(
             update={"service_type": ("colonoscopy",)})})

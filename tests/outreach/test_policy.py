@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from integration.outreach.policy import (
     choose_language,
     in_quiet_hours,
     next_allowed,
+    normal_address,
 )
 
 NY = ZoneInfo("America/New_York")
@@ -112,9 +114,39 @@ class TestChannel:
         assert choose_channel("preferred", r, ("sms", "email")) == ("email", "a@example.org")
         assert choose_channel("sms", r, ()) == "opted out of sms"
 
+    def test_opted_out_address_is_passed_over(self) -> None:
+        """A number that replied STOP is not texted, whoever's record holds it: the next
+        channel is used, and a named SMS step says why it has none."""
+        spelled = ContactPoint("phone", "+1 (555) 0101", "mobile", 2)
+        r = recipient(telecom=(spelled, EMAIL), preferred_channel="sms",
+                      blocked=frozenset({("sms", "+15550101")}))
+        assert choose_channel("preferred", r, ("sms", "email")) == ("email", "a@example.org")
+        assert choose_channel("sms", r, ()) == "opted out of sms"
+        assert choose_channel("voice", r, ()) == ("voice", "+1 (555) 0101")
+
+    def test_another_mobile_still_reachable(self) -> None:
+        """CTIA opt-outs are per number: a second mobile that did not opt out is used."""
+        other = ContactPoint("phone", "+15550199", "mobile", 3)
+        r = recipient(telecom=(MOBILE, other), blocked=frozenset({("sms", "+15550101")}))
+        assert choose_channel("sms", r, ()) == ("sms", "+15550199")
+
+    def test_preferred_reason_names_the_opt_out(self) -> None:
+        r = recipient(telecom=(MOBILE,), blocked=frozenset({("sms", "+15550101")}))
+        assert choose_channel("preferred", r, ("sms",)) == "no channel: sms: opted out"
+
     def test_no_channel_gives_reason(self) -> None:
         reason = choose_channel("preferred", recipient(), ("sms", "email"))
         assert isinstance(reason, str) and reason.startswith("no channel")
+
+
+class TestNormalAddress:
+    @pytest.mark.parametrize(("value", "expected"), [
+        ("+1 (555) 555-0101", "+15555550101"), ("+1.555.555.0101", "+15555550101"),
+        ("555 555 0101", "5555550101"), ("+44 20/7946 0958", "+442079460958"),
+        (" Jane@Example.ORG ", "jane@example.org")])
+    def test_spellings_of_one_address(self, value: str, expected: str) -> None:
+        channel = "email" if "@" in value else "sms"
+        assert normal_address(channel, value) == expected
 
 
 class TestLanguage:
