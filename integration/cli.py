@@ -170,7 +170,7 @@ def _safe_url(url: str) -> str:
 
 
 @main.command()
-@click.option("--queues", "-Q", default="intake,outreach,fhir", show_default=True,
+@click.option("--queues", "-Q", default="intake,outreach,fhir,writeback", show_default=True,
               help="Comma-separated queues to consume.")
 @click.option("--concurrency", "-c", type=int, default=2, show_default=True)
 def worker(queues: str, concurrency: int) -> None:

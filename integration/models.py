@@ -29,8 +29,11 @@ from sqlalchemy import (
 __all__ = [
     "InboxStatus",
     "access_tokens",
+    "address_optouts",
     "api_clients",
     "audit_events",
+    "channel_events",
+    "ehr_outbox",
     "entry_keys",
     "entry_sources",
     "fhir_secrets",
@@ -42,13 +45,10 @@ __all__ = [
     "patient_identifiers",
     "patient_merges",
     "patient_preferences",
+    "patient_requests",
     "patients",
     "timeline_changes",
     "timeline_entries",
-    "address_optouts",
-    "channel_events",
-    "ehr_outbox",
-    "patient_requests",
     "touches",
 ]
 
@@ -295,6 +295,13 @@ timeline_changes = Table(
 
 # --- outreach (see integration/outreach/) ------------------------------------------------------
 
+ADDRESS_NORM = (
+    "replace(replace(replace(replace(replace(replace(lower(trim(address)),' ',''),'-',''),"
+    "'.',''),'(',''),')',''),'/','')"
+)
+"""A touch address as replies are matched on it (:func:`integration.replies.matching.
+address_expr` builds the same expression): indexed, so a reply finds its touch at once."""
+
 touches = Table(
     "touches",
     metadata,
@@ -325,6 +332,7 @@ touches = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_touches_status_due", "status", "due_at"),
     Index("ix_touches_address", "address", "sent_at"),
+    Index("ix_touches_channel_address_norm", "channel", text(ADDRESS_NORM)),
     Index("ix_touches_entry_id", "entry_id"),
     Index("ix_touches_patient_id", "patient_id", "due_at"),
 )

@@ -13,6 +13,7 @@ from integration.appacks import deliver_app_acks
 from integration.clients import ClientRegistry
 from integration.conversion import ContextFactory
 from integration.db import Checkpointer, create_db_engine
+from integration.delivery import build_channels, delivery_for
 from integration.fhir_ingest import FhirWorker
 from integration.intake import GroupCommitter, IntakeService, Receipt
 from integration.logs import get_logger
@@ -27,9 +28,11 @@ from integration.pipeline import (
     process_batch,
     queue_depth,
 )
+from integration.replies.stage import ReplyStage
 from integration.settings import Settings
 from integration.tasks import CeleryDispatcher, make_celery
 from integration.workpool import WorkPool
+from integration.writeback import WritebackStage
 from mappings.ack import AckCode, AckError, build_ack_for_unreadable
 from mappings.er7 import ER7Error, split_messages
 
@@ -69,10 +72,27 @@ class Runtime:
         """FHIR notifications, catch-up and polling in-process (no broker, connections set)."""
         self._swept = False
         self._inprocess: InProcessDispatcher | None = None
+        self.channels = build_channels(settings)
+        """Channel name → the class ``[channels.*]`` picks (the sender and replies use it)."""
+        self.delivery = delivery_for(settings)
+        inprocess = not settings.broker_url and settings.inprocess_worker
+        self.writeback: WritebackStage | None = None
+        """The EHR write-back outbox's in-process loop (a connection with write_back)."""
+        if inprocess and any(c.write_back for c in settings.connections):
+            self.writeback = WritebackStage(self.engine, settings)
+        self.replies: ReplyStage | None = None
+        """Delivery receipts and replies, processed in-process (no broker)."""
+        if inprocess:
+            self.replies = ReplyStage(
+                self.engine, settings, self.channels,
+                after_run=self.writeback.poke if self.writeback is not None else None)
         self.outreach: OutreachStage | None = None
         """The outreach stage's in-process loop (no broker and pathways configured)."""
-        if settings.pathways and not settings.broker_url and settings.inprocess_worker:
-            self.outreach = OutreachStage(self.engine, OutreachConfig.from_settings(settings))
+        if settings.pathways and inprocess:
+            self.outreach = OutreachStage(
+                self.engine, OutreachConfig.from_settings(settings), channels=self.channels,
+                delivery=self.delivery,
+                after_run=self.writeback.poke if self.writeback is not None else None)
         if dispatcher is None:
             dispatcher = self._default_dispatcher()
         self.dispatcher = dispatcher
@@ -132,6 +152,10 @@ class Runtime:
             self._inprocess.start()
         if self.outreach is not None:
             self.outreach.start()
+        if self.writeback is not None:
+            self.writeback.start()
+        if self.replies is not None:
+            self.replies.start()
         start = getattr(self.dispatcher, "start", None)
         if start is not None and self._inprocess is None:
             start()
@@ -178,6 +202,10 @@ class Runtime:
             await asyncio.to_thread(self.fhir.stop)
         if self.outreach is not None:
             await asyncio.to_thread(self.outreach.stop)
+        if self.replies is not None:
+            await asyncio.to_thread(self.replies.stop)
+        if self.writeback is not None:
+            await asyncio.to_thread(self.writeback.stop)
         if self.work_pool is not None:
             await asyncio.to_thread(self.work_pool.close)
         if self._checkpointer is not None:
@@ -186,6 +214,18 @@ class Runtime:
         if stop is not None and self._inprocess is None:
             stop()
         self.started = False
+
+    def on_channel_event(self, event_id: int) -> None:
+        """A webhook committed a channel event: process it soon (never raises)."""
+        if self.replies is not None:
+            self.replies.poke(event_id)
+            return
+        app = getattr(self.dispatcher, "app", None)
+        if app is not None:
+            try:
+                app.send_task("careloop.replies.process", args=[[event_id]], queue="outreach")
+            except Exception as exc:  # the beat tick picks it up
+                log.warning("replies_enqueue_failed", exc_type=type(exc).__name__)
 
     async def receive_body(self, body: bytes, source: str, peer: str) -> list[Receipt]:
         """Split a body (an MLLP frame or an HTTP request) into messages and take them in."""

@@ -23,8 +23,10 @@ from sqlalchemy import Engine
 from integration.appacks import deliver_app_acks
 from integration.conversion import ContextFactory
 from integration.db import create_db_engine
+from integration.delivery import build_channels, delivery_for
 from integration.fhir_tasks import fhir_schedule, register_fhir_tasks
 from integration.logs import get_logger
+from integration.loop_tasks import loop_schedule, register_loop_tasks
 from integration.outreach.stage import OutreachStage
 from integration.outreach.state import OutreachConfig
 from integration.pipeline import due_ids, process_batch
@@ -34,7 +36,7 @@ __all__ = ["QUEUES", "CeleryDispatcher", "make_celery"]
 
 log = get_logger("careloop.tasks")
 
-QUEUES = ("intake", "outreach", "fhir")
+QUEUES = ("intake", "outreach", "fhir", "writeback")
 _BATCH = 100
 
 
@@ -75,11 +77,13 @@ def make_celery(settings: Settings) -> Celery:
             "sweep": {"task": "careloop.sweep", "schedule": settings.sweep_interval_s},
             **_outreach_schedule(settings),
             **fhir_schedule(settings),
+            **loop_schedule(settings),
         },
     )
     engines = _EngineHolder(settings.database_url)
     contexts = ContextFactory(settings)
     forward_fhir = register_fhir_tasks(app, settings, engines.get)
+    register_loop_tasks(app, settings, engines.get)
 
     @app.task(name="careloop.process", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def process(inbox_ids: list[int]) -> None:
@@ -105,7 +109,9 @@ def make_celery(settings: Settings) -> Celery:
 
     def stage() -> OutreachStage:
         if not outreach or outreach[0].engine is not engines.get():
-            outreach[:] = [OutreachStage(engines.get(), OutreachConfig.from_settings(settings))]
+            outreach[:] = [OutreachStage(engines.get(), OutreachConfig.from_settings(settings),
+                                         channels=build_channels(settings),
+                                         delivery=delivery_for(settings))]
         return outreach[0]
 
     # The outreach stage: beat ticks both tasks every ``outreach.interval_s``; the cursor row
@@ -116,7 +122,11 @@ def make_celery(settings: Settings) -> Celery:
 
     @app.task(name="careloop.outreach.send_due", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def outreach_send_due() -> int:
-        return stage().send_due().sent
+        result = stage().send_due()
+        if (result.sent or result.failed or result.cancelled) and any(
+                c.write_back for c in settings.connections):
+            app.send_task("careloop.writeback.flush", queue="writeback")
+        return result.sent
 
     return app
 

@@ -38,6 +38,7 @@ from integration.db import write_lock
 from integration.logs import get_logger
 from integration.models import outreach_cursors, timeline_changes, timeline_entries, touches
 from integration.outreach.planner import Plan, Skip, Touch
+from integration.outreach.record import Recorder
 from integration.outreach.state import (
     PLANNED_KINDS,
     OutreachConfig,
@@ -78,15 +79,17 @@ def reconcile(
     max_batches: int | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     name: str = CURSOR,
+    record: Recorder | None = None,
 ) -> ReconcileResult:
-    """Consume every pending timeline change (a batch per transaction)."""
+    """Consume every pending timeline change (a batch per transaction). ``record`` is told,
+    in the same transaction, of touches skipped for a reason (the write-back)."""
     total = ReconcileResult()
     batches = 0
     while max_batches is None or batches < max_batches:
         batches += 1
         with write_lock(engine), engine.begin() as conn:
             result = _batch(conn, config, (now or datetime.now(UTC)).astimezone(UTC),
-                            clock().astimezone(UTC), name)
+                            clock().astimezone(UTC), name, record)
         if result is None:
             break
         total.add(result)
@@ -102,8 +105,9 @@ def _insert(conn: Connection, table: Any) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-def _batch(
-    conn: Connection, config: OutreachConfig, now: datetime, wall: datetime, name: str
+def _batch(  # noqa: PLR0917
+    conn: Connection, config: OutreachConfig, now: datetime, wall: datetime, name: str,
+    record: Recorder | None = None,
 ) -> ReconcileResult | None:
     c = outreach_cursors
     conn.execute(
@@ -145,7 +149,7 @@ def _batch(
             return ReconcileResult()
         take = list(rows)
         log.warning("outreach_gap_skipped", count=rows[0].id - last - 1)
-    result = _apply_changes(conn, config, take, now)
+    result = _apply_changes(conn, config, take, now, record)
     conn.execute(
         update(c).where(c.c.name == name)
         .values(last_id=take[-1].id, held_since=held, updated_at=wall)
@@ -155,7 +159,8 @@ def _batch(
 
 
 def _apply_changes(
-    conn: Connection, config: OutreachConfig, changes: list[Any], now: datetime
+    conn: Connection, config: OutreachConfig, changes: list[Any], now: datetime,
+    record: Recorder | None = None,
 ) -> ReconcileResult:
     entry_ids: set[str] = set()
     removed: set[str] = set()
@@ -173,7 +178,8 @@ def _apply_changes(
             entry_ids.add(ch.entry_id)
     entry_ids |= _patient_entries(conn, expand_patients, medication_patients, now)
     moved = {ch.entry_id for ch in changes if ch.change == "moved"}
-    return reconcile_entries(conn, config, entry_ids - removed, now, gone=removed, moved=moved)
+    return reconcile_entries(conn, config, entry_ids - removed, now, gone=removed, moved=moved,
+                             record=record)
 
 
 def _patient_entries(
@@ -206,6 +212,7 @@ def reconcile_entries(
     *,
     gone: Iterable[str] = (),
     moved: Iterable[str] = (),
+    record: Recorder | None = None,
 ) -> ReconcileResult:
     """Re-plan ``entry_ids`` and apply the difference in the caller's transaction."""
     ids = sorted(set(entry_ids))
@@ -233,7 +240,20 @@ def reconcile_entries(
         kept = _diff(config, snap, entry_id, planned, writer)
         snap.booked(entry.patient_id, entry_id, kept)
     writer.flush(conn, result)
+    if record is not None and writer.skipped:
+        skipped_ids = _ids_of(conn, writer.skipped)
+        if skipped_ids:
+            record(conn, skipped_ids, now)
     return result
+
+
+def _ids_of(conn: Connection, keys: list[str]) -> list[int]:
+    out: list[int] = []
+    for start in range(0, len(keys), 1000):
+        out.extend(r.id for r in conn.execute(
+            select(touches.c.id).where(touches.c.key.in_(keys[start : start + 1000]),
+                                       touches.c.status.in_(("skipped", "cancelled")))))
+    return out
 
 
 def _cancel_gone(conn: Connection, entry_ids: list[str], writer: _Writer) -> None:
@@ -284,10 +304,12 @@ def _diff(
             if pathway is not None and applies(pathway.on, entry):
                 writer.insert(_skip_row(s, entry.patient_id, pathway.steps[s.step].template,
                                         writer.now))
+                writer.skipped.append(s.key)
         for row in rows:
             wanted.add(row.key)
             if row.status == "scheduled":
                 writer.update(row, status="cancelled", reason=reason)
+                writer.skipped.append(row.key)
             elif row.status in ("cancelled", "skipped") and row.reason != reason:
                 writer.update(row, reason=reason)
     for key, row in existing.items():
@@ -357,6 +379,8 @@ class _Writer:
     inserts: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    """Keys of touches skipped (or held back) for a reason the planner gave: written back."""
 
     def insert(self, row: dict[str, Any]) -> None:
         self.inserts.append(row)

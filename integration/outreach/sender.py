@@ -11,11 +11,24 @@
    late to be useful; otherwise it is cancelled or moved (back to ``scheduled``) with the reason.
    The message is rendered (Jinja2 + Babel) and handed to the channel with the touch key as its
    idempotency key, and the row is marked ``sent`` with the provider's reference.
-3. **At most once.** A crash after the claim leaves the row ``sending``. After
-   ``sending_timeout_s`` the sweep asks the channel whether the key was delivered
-   (:meth:`adapters.channels.Channel.lookup`): yes → ``sent``; no → ``scheduled`` again, to be
-   checked afresh. A send repeated anyway (the lookup raced a slow sender) is dropped by the
-   channel, which is idempotent by key (see :mod:`adapters.channels` for real providers).
+   On SQLite the check and the sends run in a read transaction and the results are written
+   afterwards under the one-writer gate, so a slow provider never holds up the ACK path; a
+   cancellation that commits meanwhile is ordered after the send, as on PostgreSQL, where it
+   waits for the ``FOR SHARE`` lock.
+3. **Record** (same transaction on PostgreSQL): the final status, the text as sent
+   (``touches.body``), and, through :attr:`Delivery.record`, the write-back Communication for
+   every touch that was sent, failed or held back for good (:mod:`integration.writeback`).
+4. **At most once.** A crash after the claim leaves the row ``sending``. After
+   ``sending_timeout_s`` the sweep asks whether the key was delivered: a delivery receipt the
+   provider sent for it (``channel_events.touch_key``) or the channel's own memory
+   (:meth:`adapters.channels.Channel.lookup`): yes → ``sent``. No → ``scheduled`` again, to be
+   checked afresh, only when the channel drops a repeated key (``idempotent``: the file channel,
+   a provider that honours ``Idempotency-Key``); otherwise the outcome is unknown and the touch
+   is ``failed`` rather than risk a second message.
+
+Every message links to the patient page (``{base_url}/p/<signed token>``, see
+:mod:`integration.portal.links`), except survey steps with their own ``survey_url``; a voice
+call's key press comes back to ``{base_url}/channels/voice/inbound?key=<touch key>``.
 """
 
 from __future__ import annotations
@@ -24,20 +37,51 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 
 from adapters.channels import Channel, ChannelError, OutgoingMessage, Receipt
 from integration.db import write_lock
 from integration.logs import get_logger
-from integration.models import touches
+from integration.models import channel_events, touches
 from integration.outreach.pathways import Trigger
 from integration.outreach.planner import Entry, Touch
 from integration.outreach.policy import Recipient, in_quiet_hours, next_allowed
+from integration.outreach.record import Recorder
 from integration.outreach.state import OutreachConfig, Snapshot, StoredTouch, load_snapshot
 from integration.outreach.templates import TemplateCatalog, TemplateProblem
+from integration.portal.links import LinkSigner
 
-__all__ = ["SweepResult", "claim_due", "message_values", "resolve_stale", "send_due"]
+__all__ = [
+    "Delivery",
+    "SweepResult",
+    "claim_due",
+    "message_values",
+    "resolve_stale",
+    "send_due",
+]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What sending needs beyond the plan: where replies and links point, and the write-back."""
+
+    base_url: str = ""
+    links: LinkSigner | None = None
+    record: Recorder | None = None
+
+    def link(self, touch_id: int, now: datetime) -> str | None:
+        return self.links.url("t", touch_id, now=now) if self.links is not None else None
+
+    def voice_reply_url(self, key: str) -> str | None:
+        if not self.base_url:
+            return None
+        return f"{self.base_url.rstrip('/')}/channels/voice/inbound?key={quote(key, safe='')}"
+
+
+RECORDED = ("sent", "failed", "cancelled")
+"""Final statuses the sender gives that are written back (a cancel here is a hold for good)."""
 
 log = get_logger("careloop.outreach")
 
@@ -64,10 +108,12 @@ def send_due(
     *,
     now: datetime | None = None,
     max_batches: int | None = None,
+    delivery: Delivery | None = None,
 ) -> SweepResult:
     """Resolve stale ``sending`` rows, then claim, check and send due touches, batch by batch."""
     now = (now or datetime.now(UTC)).astimezone(UTC)  # stored times are UTC (SQLite too)
-    total = resolve_stale(engine, config, channels, now=now)
+    delivery = delivery or Delivery()
+    total = resolve_stale(engine, config, channels, now=now, delivery=delivery)
     batch = config.outreach.batch if engine.dialect.name == "postgresql" else min(
         config.outreach.batch, 100)
     batches = 0
@@ -76,7 +122,7 @@ def send_due(
         ids = claim_due(engine, now=now, limit=batch)
         if not ids:
             break
-        total.add(_send_claimed(engine, config, channels, catalog, ids, now))
+        total.add(_send_claimed(engine, config, channels, catalog, ids, now, delivery))
         if len(ids) < batch:
             break
     if total.claimed or total.recovered:
@@ -123,6 +169,7 @@ _FINISH = (
         language=bindparam("v_language"),
         sent_at=bindparam("v_sent_at"),
         provider_ref=bindparam("v_provider_ref"),
+        body=bindparam("v_body"),
         updated_at=bindparam("v_updated_at"),
     )
 )
@@ -144,6 +191,7 @@ def _finish(row: StoredTouch, now: datetime, status: str, reason: str | None = N
         "v_language": values.get("language", row.language),
         "v_sent_at": _utc(values.get("sent_at")),
         "v_provider_ref": values.get("provider_ref"),
+        "v_body": values.get("body"),
         "v_updated_at": now,
     }
 
@@ -155,21 +203,51 @@ def _send_claimed(  # noqa: PLR0917
     catalog: TemplateCatalog,
     ids: list[int],
     now: datetime,
+    delivery: Delivery,
 ) -> SweepResult:
     result = SweepResult(claimed=len(ids))
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            updates = _check_and_send(conn, config, channels, catalog, ids, now, delivery, result)
+            _record(conn, updates, delivery, now)
+        return result
+    # SQLite: check and send in a read transaction (WAL readers never block the writer), then
+    # record under the one-writer gate.
+    with engine.connect() as conn:
+        updates = _check_and_send(conn, config, channels, catalog, ids, now, delivery, result)
+        conn.rollback()
     with write_lock(engine), engine.begin() as conn:
-        rows = [StoredTouch.from_row(r) for r in conn.execute(
-            select(touches).where(touches.c.id.in_(ids), touches.c.status == "sending")
-            .order_by(touches.c.due_at, touches.c.id)
-        )]
-        snap = load_snapshot(conn, config, {r.entry_id for r in rows}, now, lock=True)
-        updates: list[dict[str, Any]] = []
-        for row in rows:
-            update_values = _one(config, snap, channels, catalog, row, now, result)
-            updates.append(update_values)
-        if updates:
-            conn.execute(_FINISH, updates)
+        _record(conn, updates, delivery, now)
     return result
+
+
+def _check_and_send(  # noqa: PLR0917
+    conn: Connection,
+    config: OutreachConfig,
+    channels: Mapping[str, Channel],
+    catalog: TemplateCatalog,
+    ids: list[int],
+    now: datetime,
+    delivery: Delivery,
+    result: SweepResult,
+) -> list[dict[str, Any]]:
+    rows = [StoredTouch.from_row(r) for r in conn.execute(
+        select(touches).where(touches.c.id.in_(ids), touches.c.status == "sending")
+        .order_by(touches.c.due_at, touches.c.id)
+    )]
+    snap = load_snapshot(conn, config, {r.entry_id for r in rows}, now, lock=True)
+    return [_one(config, snap, channels, catalog, row, now, result, delivery) for row in rows]
+
+
+def _record(conn: Connection, updates: list[dict[str, Any]], delivery: Delivery,
+            now: datetime) -> None:
+    if not updates:
+        return
+    conn.execute(_FINISH, updates)
+    if delivery.record is not None:
+        final = [u["t_id"] for u in updates if u["v_status"] in RECORDED]
+        if final:
+            delivery.record(conn, final, now)
 
 
 def _one(  # noqa: PLR0917
@@ -180,7 +258,9 @@ def _one(  # noqa: PLR0917
     row: StoredTouch,
     now: datetime,
     result: SweepResult,
+    delivery: Delivery | None = None,
 ) -> dict[str, Any]:
+    delivery = delivery or Delivery()
     verdict = check(config, snap, row, now)
     if isinstance(verdict, _Hold):
         if verdict.status == "cancelled":
@@ -200,7 +280,8 @@ def _one(  # noqa: PLR0917
     try:
         rendered = catalog.render(
             touch.template, touch.channel, touch.language, recipient.timezone,
-            message_values(config, snap, entry, touch, recipient),
+            message_values(config, snap, entry, touch, recipient,
+                           link=delivery.link(row.id, now)),
         )
     except TemplateProblem as exc:
         result.failed += 1
@@ -209,10 +290,17 @@ def _one(  # noqa: PLR0917
         key=row.key, channel=touch.channel, address=touch.address, language=rendered.language,
         subject=rendered.parts.get("subject", ""), body=rendered.body,
         html=rendered.parts.get("html"),
+        reply_url=delivery.voice_reply_url(row.key) if touch.channel == "voice" else None,
     )
     try:
         receipt = channel.send(message)
     except ChannelError as exc:
+        if exc.maybe_sent and not getattr(channel, "idempotent", False):
+            # The provider may have taken it (a timeout after the request went out) and would
+            # not drop a repeat: at most once means not trying again.
+            result.failed += 1
+            return _finish(row, now, "failed", f"channel: {exc} (outcome unknown; not "
+                           "repeated)", body=rendered.body)
         if exc.retryable and row.attempts < config.outreach.max_attempts:
             result.rescheduled += 1
             retry_at = now + timedelta(seconds=min(3600, 30 * 2 ** max(0, row.attempts - 1)))
@@ -220,12 +308,13 @@ def _one(  # noqa: PLR0917
         result.failed += 1
         return _finish(row, now, "failed", f"channel: {exc}")
     result.sent += 1
-    return _sent(row, receipt, now)
+    return _sent(row, receipt, now, rendered.body)
 
 
-def _sent(row: StoredTouch, receipt: Receipt, now: datetime) -> dict[str, Any]:
+def _sent(row: StoredTouch, receipt: Receipt, now: datetime, body: str) -> dict[str, Any]:
     reason = "delivered before (the channel knew the key)" if receipt.duplicate else None
-    return _finish(row, now, "sent", reason, sent_at=now, provider_ref=receipt.provider_ref)
+    return _finish(row, now, "sent", reason, sent_at=now, provider_ref=receipt.provider_ref,
+                   body=body)
 
 
 @dataclass(frozen=True)
@@ -273,11 +362,13 @@ def check(config: OutreachConfig, snap: Snapshot, row: StoredTouch, now: datetim
 
 
 def resolve_stale(
-    engine: Engine, config: OutreachConfig, channels: Mapping[str, Channel], *, now: datetime
+    engine: Engine, config: OutreachConfig, channels: Mapping[str, Channel], *, now: datetime,
+    delivery: Delivery | None = None,
 ) -> SweepResult:
-    """Touches left ``sending`` (a crash between claim and record): sent if the channel knows
-    the key, else back to ``scheduled`` (checked again before any send), failed after
-    ``max_attempts`` claims."""
+    """Touches left ``sending`` (a crash between claim and record): sent if the provider sent a
+    receipt for the key or the channel knows it; else back to ``scheduled`` (checked again
+    before any send) when the channel drops repeated keys, ``failed`` when it would not (at most
+    once) or after ``max_attempts`` claims."""
     result = SweepResult()
     now = now.astimezone(UTC)
     cutoff = now - timedelta(seconds=config.outreach.sending_timeout_s)
@@ -290,22 +381,44 @@ def resolve_stale(
         if conn.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
         rows = [StoredTouch.from_row(r) for r in conn.execute(query)]
+        receipts = _receipts(conn, [r.key for r in rows])
         updates = []
         for row in rows:
             channel = channels.get(row.channel)
-            receipt = channel.lookup(row.key) if channel is not None else None
+            receipt = receipts.get(row.key) or (
+                channel.lookup(row.key) if channel is not None else None)
             if receipt is not None:
                 updates.append(_finish(row, now, "sent", "recorded after an interrupted send",
                                        sent_at=receipt.at, provider_ref=receipt.provider_ref))
             elif row.attempts >= config.outreach.max_attempts:
                 updates.append(_finish(row, now, "failed", "interrupted sends; gave up"))
+            elif channel is not None and not getattr(channel, "idempotent", False):
+                updates.append(_finish(row, now, "failed", "interrupted send: the outcome is "
+                                       "unknown and the provider would not drop a repeat, so "
+                                       "it is not sent again"))
             else:
                 updates.append(_finish(row, now, "scheduled", "retried after an interrupted "
                                        "send"))
             result.recovered += 1
-        if updates:
-            conn.execute(_FINISH, updates)
+        _record(conn, updates, delivery or Delivery(), now)
     return result
+
+
+def _receipts(conn: Connection, keys: list[str]) -> dict[str, Receipt]:
+    """Delivery receipts the provider sent for these touch keys (status callbacks)."""
+    if not keys:
+        return {}
+    e = channel_events
+    found: dict[str, Receipt] = {}
+    for r in conn.execute(
+        select(e.c.touch_key, e.c.provider_id, e.c.received_at)
+        .where(e.c.kind == "status", e.c.touch_key.in_(keys)).order_by(e.c.id)
+    ):
+        if r.touch_key not in found:
+            at = r.received_at if r.received_at.tzinfo else r.received_at.replace(tzinfo=UTC)
+            found[r.touch_key] = Receipt(r.touch_key, r.provider_id.split(":")[0], at,
+                                         duplicate=True)
+    return found
 
 
 def _display(concept: object) -> str:
@@ -346,14 +459,16 @@ def _activity(resource: Mapping[str, Any], key: str) -> str:
 
 
 def message_values(
-    config: OutreachConfig, snap: Snapshot, entry: Entry, touch: Touch, recipient: Recipient
+    config: OutreachConfig, snap: Snapshot, entry: Entry, touch: Touch, recipient: Recipient,
+    *, link: str | None = None,
 ) -> dict[str, Any]:
     """What a template is given (see :func:`integration.outreach.templates.sample_values`):
-    coded displays from the entry, never notes."""
+    coded displays from the entry, never notes. ``link``: the touch's patient-page link (the
+    organisation's portal link when there is none)."""
     res = entry.resource
     org = config.organization
     pathway = config.by_name[touch.pathway]
-    link = org.link
+    link = link or org.link
     if pathway.survey_url:
         link = pathway.survey_url.replace("{entry}", entry.id).replace(
             "{patient}", entry.patient_id)

@@ -7,15 +7,16 @@ on the ``outreach`` queue, which call the same :meth:`reconcile` and :meth:`send
 way the database decides who does what (cursor row lock, ``SKIP LOCKED`` claims), so several
 runners are safe.
 
-Channels: until the channels issue picks a class per ``[channels.<name>]`` setting, every
-channel name writes through :class:`adapters.channels.FileChannel` under
+Channels: the runtime passes the classes ``[channels.*]`` picks and the :class:`Delivery`
+(links, write-back) from :mod:`integration.delivery`; without them (tests, previews) every
+channel writes through :class:`adapters.channels.FileChannel` under
 ``outreach.outbox_dir/<channel>/``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from adapters.channels import Channel, FileChannel
 from integration.logs import get_logger
 from integration.outreach.pathways import CHANNELS
 from integration.outreach.reconciler import ReconcileResult, reconcile
-from integration.outreach.sender import SweepResult, send_due
+from integration.outreach.sender import Delivery, SweepResult, send_due
 from integration.outreach.state import OutreachConfig
 from integration.outreach.templates import TemplateCatalog
 
@@ -55,21 +56,27 @@ class OutreachStage:
         *,
         channels: Mapping[str, Channel] | None = None,
         catalog: TemplateCatalog | None = None,
+        delivery: Delivery | None = None,
+        after_run: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.channels = channels if channels is not None else file_channels(
             config.outreach.outbox_dir)
         self.catalog = catalog or catalog_for(config)
+        self.delivery = delivery or Delivery()
+        self._after_run = after_run
+        """Called after each loop turn (the runtime pokes the write-back stage)."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def reconcile(self, now: datetime | None = None) -> ReconcileResult:
-        return reconcile(self.engine, self.config, now=now)
+        return reconcile(self.engine, self.config, now=now, record=self.delivery.record)
 
     def send_due(self, now: datetime | None = None) -> SweepResult:
-        return send_due(self.engine, self.config, self.channels, self.catalog, now=now)
+        return send_due(self.engine, self.config, self.channels, self.catalog, now=now,
+                        delivery=self.delivery)
 
     def run_once(self, now: datetime | None = None) -> tuple[ReconcileResult, SweepResult]:
         return self.reconcile(now), self.send_due(now)
@@ -95,6 +102,8 @@ class OutreachStage:
         while not self._stop.is_set():
             try:
                 self.run_once()
+                if self._after_run is not None:
+                    self._after_run()
             except Exception as exc:  # the database decides; the next tick tries again
                 log.warning("outreach_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
             self._wake.wait(self.config.outreach.interval_s)

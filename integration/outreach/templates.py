@@ -195,5 +195,5 @@ def sample_values() -> dict[str, Any]:
         "location": "Main Street Clinic",
         "medication": "Metformin 500 mg",
         "activity": "Blood pressure check",
-        "link": "https://careloop.example/p/abc123",
+        "link": "https://careloop.hospital.example.org/p/t1234567.tpsd9w.O5Fm0-eRaFoKEJ_-",
     }

@@ -150,7 +150,7 @@ def _touches(world: World, settings: Settings, prefix: str, n: int) -> list[str]
                           status=status, reason=reason, sent_at=now)
         with write_lock(world.engine), world.engine.begin() as conn:
             assert enqueue_touch(conn, settings, touch, now=now)
-        keys.append(touch_key_of(touch["key"]))
+        keys.append(touch_key_of(touch["key"]) + ("-skip" if status == "skipped" else ""))
     return keys
 
 

@@ -179,3 +179,20 @@ def test_requests_without_appointment_updates(engine: Engine, db_url: str) -> No
         assert row.resource["for"] == {"reference": "Patient/p1"}
     assert "Tuesday or Wednesday mornings" in reschedule.resource["description"]
     assert reschedule.resource["note"][0]["text"].endswith("Tuesday or Wednesday mornings")
+
+
+def test_a_skip_then_a_send_are_two_records(engine: Engine, db_url: str) -> None:
+    """A step skipped (opted out) and later sent (opted back in) owes the EHR both facts: the
+    skip's key must not take the delivery's."""
+    entry = _fhir_world(engine)
+    cfg = settings(db_url)
+    skipped = add_touch(engine, entry_id=entry.id, patient_id=entry.patient_id, key="s|0|e",
+                        status="skipped", reason="opted out of sms")
+    assert _enqueue_touch(engine, cfg, skipped)
+    sent = {**skipped, "status": "sent", "reason": None, "sent_at": NOW, "body": "Hi"}
+    assert _enqueue_touch(engine, cfg, sent)
+    keys = sorted(r.key for r in outbox(engine))
+    assert keys == [touch_key_of("s|0|e"), touch_key_of("s|0|e") + "-skip"]
+    by_key = {r.key: r.resource["status"] for r in outbox(engine)}
+    assert by_key[touch_key_of("s|0|e")] == "completed"
+    assert by_key[touch_key_of("s|0|e") + "-skip"] == "not-done"

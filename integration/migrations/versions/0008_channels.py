@@ -24,6 +24,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("body", sa.Text(), nullable=True))
         batch.add_column(sa.Column("delivery", sa.String(16), nullable=True))
     op.create_index("ix_touches_address", "touches", ["address", "sent_at"])
+    op.create_index("ix_touches_channel_address_norm", "touches", [
+        "channel", sa.text("replace(replace(replace(replace(replace(replace(lower(trim(address)),"
+                           "' ',''),'-',''),'.',''),'(',''),')',''),'/','')")])
     op.create_table(
         "channel_events",
         sa.Column("id", BigId, autoincrement=True, nullable=False),
@@ -98,6 +101,7 @@ def downgrade() -> None:
     op.drop_table("address_optouts")
     op.drop_index("ix_channel_events_status", table_name="channel_events")
     op.drop_table("channel_events")
+    op.drop_index("ix_touches_channel_address_norm", table_name="touches")
     op.drop_index("ix_touches_address", table_name="touches")
     with op.batch_alter_table("touches") as batch:
         batch.drop_column("delivery")

@@ -1,0 +1,315 @@
+"""The closed loop, end to end: an HL7 SIU booking in, a reminder out, its Communication in the
+stand-in EHR (../shared/ehr).
+
+    python bench/bench_closed_loop.py [--touches 1000]
+
+``careloop serve`` (SQLite, in-process worker, the file SMS channel) with one connection to the
+EHR (SMART Backend Services required, write-back on, poll mode so no subscription traffic) and
+one pathway whose reminder is due as soon as the booking lands. N SIU^S12 bookings for N
+patients are sent over MLLP from 4 connections; each becomes a timeline entry, a reminder that
+is sent at once, and a Communication written back with a conditional create
+(``If-None-Exist`` on its identifier).
+
+Reported: touches/s end to end (first booking sent → last Communication written), the
+write-back latency (touch recorded → Communication written: p50/p99), and the exactly-once
+check: the EHR holds exactly one Communication per touch. The peer: the same N Communications
+written straight to the EHR by one client, one conditional create at a time and in batch
+Bundles of 100, which is the EHR's own ceiling for this work. Target (issue 9): 200 touches/s
+with exactly-once write-back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from sqlalchemy import create_engine, func, select  # noqa: E402
+
+from adapters.fhir import (  # noqa: E402
+    FHIRClient,
+    FHIRRequest,
+    generate_signing_key,
+    save_private_key,
+)
+from adapters.mllp import MLLPClient  # noqa: E402
+from integration.models import ehr_outbox, touches  # noqa: E402
+from tests.e2e.ehr import CLIENT_ID, running_ehr  # noqa: E402
+
+CARELOOP = str(Path(sys.executable).parent / "careloop")
+SYSTEM = "urn:careloop:writeback"
+
+
+class _Factory:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def mktemp(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=name, dir=self.base))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
+
+
+def siu(n: int, start: datetime) -> tuple[bytes, bytes]:
+    control = f"CL{n:07d}"
+    end = start + timedelta(minutes=30)
+    segments = [
+        f"MSH|^~\\&|EPIC|MAIN|CARELOOP|HOSP|{_ts(datetime.now(UTC))}||SIU^S12^SIU_S12|{control}"
+        "|P|2.5.1",
+        f"SCH|P{n}|F{n}|||||||30|min|^^30^{_ts(start)}^{_ts(end)}",
+        f"PID|1||MRN{n:07d}^^^HOSP^MR||Doe^Jane||19800101|F|||||^PRN^CP^^1^555^{n % 10_000_000:07d}"
+        "||en^English^HL70296",
+        "RGS|1|A",
+        "AIS|1||CHECKUP^Check-up^L",
+        "AIL|1||CLINIC1^^^MAIN^^^^^Main Street Clinic|",
+    ]
+    return ("\r".join(segments) + "\r").encode(), control.encode()
+
+
+CONFIG = """
+timezone = "America/New_York"
+
+[[hl7_senders]]
+application = "EPIC"
+facility = "MAIN"
+identifier_systems = {{ HOSP = "urn:oid:2.16.840.1.113883.19.5" }}
+
+[[connections]]
+name = "main-ehr"
+fhir_base = "{origin}/fhir/R4"
+client_id = "{client}"
+private_key = "{pem}"
+scopes = ["system/*.*"]
+mode = "poll"
+poll_interval_s = 3600
+resource_types = ["Appointment"]
+write_back = true
+
+[[pathways]]
+name = "appointment-reminder"
+on = "appointment"
+when = {{ status = ["booked"] }}
+steps = [ {{ at = "-P3D", channel = "sms", template = "appointment-reminder" }} ]
+
+[outreach]
+quiet_hours = "off"
+max_per_day = 10
+max_per_week = 20
+batch = 500
+interval_s = 0.2
+"""
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.engine = create_engine(f"sqlite:///{path}")
+
+    def counts(self) -> tuple[int, int]:
+        with self.engine.connect() as conn:
+            sent = conn.execute(select(func.count()).select_from(touches).where(
+                touches.c.status == "sent")).scalar_one()
+            written = conn.execute(select(func.count()).select_from(ehr_outbox).where(
+                ehr_outbox.c.status == "written")).scalar_one()
+        return int(sent), int(written)
+
+    def latencies_ms(self) -> list[float]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ehr_outbox.c.created_at, ehr_outbox.c.updated_at).where(
+                ehr_outbox.c.status == "written"))
+            return [(r.updated_at - r.created_at).total_seconds() * 1000 for r in rows]
+
+    def failed(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [str(r.last_error) for r in conn.execute(select(ehr_outbox.c.last_error).where(
+                ehr_outbox.c.status == "failed").limit(3))]
+
+
+async def _send(port: int, messages: list[tuple[bytes, bytes]], connections: int) -> None:
+    async def one(chunk: list[tuple[bytes, bytes]]) -> None:
+        client = await MLLPClient.connect("127.0.0.1", port)
+        try:
+            for raw, control in chunk:
+                ack = await client.send(raw, control)
+                if b"|AA|" not in ack and b"|CA|" not in ack:
+                    raise RuntimeError(f"not accepted: {ack[:200]!r}")
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(one(messages[i::connections]) for i in range(connections)))
+
+
+async def _count_communications(ehr: FHIRClient) -> int:
+    bundle = await ehr.search("Communication", {"identifier": f"{SYSTEM}|",
+                                                "_summary": "count"})
+    return int(bundle.get("total", -1))
+
+
+async def _peer(ehr: FHIRClient, n: int) -> dict[str, Any]:
+    """The EHR's own ceiling: N conditional creates, one by one and in batches of 100."""
+    def communication(tag: str, i: int) -> dict[str, Any]:
+        return {"resourceType": "Communication", "status": "completed",
+                "identifier": [{"system": "urn:bench:peer", "value": f"{tag}-{i}"}],
+                "payload": [{"contentString": "Reminder: your appointment."}]}
+
+    t0 = time.monotonic()
+    for i in range(n):
+        await ehr.create(communication("one", i),
+                         if_none_exist=f"identifier=urn:bench:peer|one-{i}")
+    single = n / (time.monotonic() - t0)
+    t0 = time.monotonic()
+    for start in range(0, n, 100):
+        entries = [{"resource": communication("batch", i),
+                    "request": {"method": "POST", "url": "Communication",
+                                "ifNoneExist": f"identifier=urn:bench:peer|batch-{i}"}}
+                   for i in range(start, min(n, start + 100))]
+        await ehr.send(FHIRRequest("POST", "", body={"resourceType": "Bundle", "type": "batch",
+                                                    "entry": entries}, retry_safe=True))
+    batch = n / (time.monotonic() - t0)
+    return {"one_by_one_per_s": round(single, 1), "batch_100_per_s": round(batch, 1)}
+
+
+async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    key = generate_signing_key("ES384")
+    pem = save_private_key(key, work / "careloop.pem")
+    harness = _install(work)
+    out: dict[str, Any] = {"touches": args.touches}
+    with running_ehr(harness, key, work) as origin:
+        port, mllp = _free_port(), _free_port()
+        cfg = work / "careloop.toml"
+        cfg.write_text(CONFIG.format(origin=origin, client=CLIENT_ID, pem=pem))
+        db = work / "careloop.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARELOOP_")}
+        env.update(CARELOOP_CONFIG=str(cfg), CARELOOP_DATABASE_URL=f"sqlite:///{db}",
+                   CARELOOP_BASE_URL=f"http://127.0.0.1:{port}", CARELOOP_AUTH="disabled",
+                   CARELOOP_LOG_LEVEL="warning", CARELOOP_LOG_FORMAT="json")
+        log = work / "serve.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
+                [CARELOOP, "serve", "--port", str(port), "--mllp-port", str(mllp)],
+                env=env, cwd=work, stdout=sink, stderr=sink)
+        try:
+            async with httpx.AsyncClient() as http:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/health/ready")).is_success:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("careloop serve did not start:\n" + log.read_text())
+                    await asyncio.sleep(0.1)
+            database = Database(db)
+            # Due a minute ago: three days before a start three days (less a minute) away.
+            start = datetime.now(UTC) + timedelta(days=3, minutes=-1)
+            messages = [siu(i, start + timedelta(seconds=i % 3600)) for i in range(args.touches)]
+            t0 = time.monotonic()
+            await _send(mllp, messages, 4)
+            acked = time.monotonic()
+            deadline = time.monotonic() + args.timeout
+            sent_at = None
+            while True:
+                sent, written = await asyncio.to_thread(database.counts)
+                if sent >= args.touches and sent_at is None:
+                    sent_at = time.monotonic()
+                if written >= args.touches:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {sent} sent and {written} written after "
+                                       f"{args.timeout} s; failed: {database.failed()}")
+                await asyncio.sleep(0.05)
+            done = time.monotonic()
+            latencies = await asyncio.to_thread(database.latencies_ms)
+            ehr = FHIRClient.connect(fhir_base=f"{origin}/fhir/R4", client_id=CLIENT_ID,
+                                     private_key=pem, scopes=["system/*.*"])
+            async with ehr:
+                in_ehr = await _count_communications(ehr)
+                out["peer_ehr"] = await _peer(ehr, min(args.touches, 500))
+            out.update({
+                "acked_s": round(acked - t0, 2),
+                "all_sent_s": round((sent_at or done) - t0, 2),
+                "all_written_s": round(done - t0, 2),
+                "touches_per_s": round(args.touches / (done - t0), 1),
+                "writeback_latency_ms": {"p50": round(statistics.median(latencies), 1),
+                                         "p99": round(_pct(latencies, 0.99), 1),
+                                         "max": round(max(latencies), 1)},
+                "communications_in_ehr": in_ehr,
+                "exactly_once": in_ehr == args.touches,
+            })
+        except BaseException:
+            print("careloop serve log (tail):\n" + log.read_text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return out
+
+
+def _install(work: Path) -> Path:
+    from tests.e2e import ehr
+
+    try:
+        return ehr.install(_Factory(work))  # type: ignore[arg-type]
+    except BaseException as exc:  # pytest.skip/fail outside pytest: say it plainly
+        raise SystemExit(f"the stand-in EHR cannot be installed: {exc}") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--touches", type=int, default=1000, help="bookings (one touch each)")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="careloop-bench-loop-") as tmp:
+        r = asyncio.run(bench(args, Path(tmp)))
+    lat, peer = r["writeback_latency_ms"], r["peer_ehr"]
+    verdict = "PASS" if r["touches_per_s"] >= 200 and r["exactly_once"] else "FAIL"
+    print(f"{r['touches']} bookings → reminders → Communications: {r['touches_per_s']} touches/s "
+          f"end to end (ACKed in {r['acked_s']} s, all sent {r['all_sent_s']} s, all written "
+          f"{r['all_written_s']} s); target 200/s with exactly-once: {verdict}")
+    print(f"write-back latency: p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms")
+    print(f"Communications in the EHR: {r['communications_in_ehr']} for {r['touches']} touches "
+          f"(exactly once: {r['exactly_once']})")
+    print(f"peer, the EHR alone: {peer['one_by_one_per_s']} conditional creates/s one by one, "
+          f"{peer['batch_100_per_s']}/s in batches of 100; careloop end to end = "
+          f"{r['touches_per_s'] / peer['batch_100_per_s']:.2f}× the EHR's batch ceiling")
+    report = {"benchmark": "careloop closed loop (issue 9)", "command": shlex.join(sys.argv),
+              "python": platform.python_version(), "cpus": os.cpu_count(), **r}
+    target = ROOT / "bench" / "results" / "closed_loop.json"
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written {target.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
