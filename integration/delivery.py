@@ -16,7 +16,7 @@ the EHR outbox, in the same transaction (:func:`integration.writeback.enqueue_to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, select
@@ -100,6 +100,8 @@ def writeback_recorder(settings: Settings) -> Recorder | None:
     return record
 
 
-def delivery_for(settings: Settings) -> Delivery:
+def delivery_for(settings: Settings, *,
+                 after_commit: Callable[[], None] | None = None) -> Delivery:
+    """Links, the write-back hook, and ``after_commit`` (called after each sweep batch)."""
     return Delivery(base_url=settings.base_url, links=link_signer(settings),
-                    record=writeback_recorder(settings))
+                    record=writeback_recorder(settings), after_commit=after_commit)

@@ -74,12 +74,13 @@ class Runtime:
         self._inprocess: InProcessDispatcher | None = None
         self.channels = build_channels(settings)
         """Channel name → the class ``[channels.*]`` picks (the sender and replies use it)."""
-        self.delivery = delivery_for(settings)
         inprocess = not settings.broker_url and settings.inprocess_worker
         self.writeback: WritebackStage | None = None
         """The EHR write-back outbox's in-process loop (a connection with write_back)."""
         if inprocess and any(c.write_back for c in settings.connections):
             self.writeback = WritebackStage(self.engine, settings)
+        self.delivery = delivery_for(
+            settings, after_commit=self.writeback.poke if self.writeback is not None else None)
         self.replies: ReplyStage | None = None
         """Delivery receipts and replies, processed in-process (no broker)."""
         if inprocess:
@@ -91,8 +92,7 @@ class Runtime:
         if settings.pathways and inprocess:
             self.outreach = OutreachStage(
                 self.engine, OutreachConfig.from_settings(settings), channels=self.channels,
-                delivery=self.delivery,
-                after_run=self.writeback.poke if self.writeback is not None else None)
+                delivery=self.delivery)
         if dispatcher is None:
             dispatcher = self._default_dispatcher()
         self.dispatcher = dispatcher

@@ -33,7 +33,7 @@ call's key press comes back to ``{base_url}/channels/voice/inbound?key=<touch ke
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -70,6 +70,8 @@ class Delivery:
     base_url: str = ""
     links: LinkSigner | None = None
     record: Recorder | None = None
+    after_commit: Callable[[], None] | None = None
+    """Called after each batch's results are committed (the runtime wakes the write-back)."""
 
     def link(self, touch_id: int, now: datetime) -> str | None:
         return self.links.url("t", touch_id, now=now) if self.links is not None else None
@@ -123,6 +125,8 @@ def send_due(
         if not ids:
             break
         total.add(_send_claimed(engine, config, channels, catalog, ids, now, delivery))
+        if delivery.after_commit is not None:
+            delivery.after_commit()
         if len(ids) < batch:
             break
     if total.claimed or total.recovered:

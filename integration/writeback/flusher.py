@@ -177,6 +177,8 @@ _RECORD = (
 def _record(engine: Engine, outcomes: Sequence[_Outcome], now: datetime) -> None:
     if not outcomes:
         return
+    # ``updated_at`` is when the outcome was known (a flush may run for a while after ``now``).
+    at = max(now, datetime.now(UTC))
     params = []
     for o in outcomes:
         delay = backoff_s(o.row.attempts, o.retry_after) if o.status == "pending" else 0.0
@@ -184,7 +186,7 @@ def _record(engine: Engine, outcomes: Sequence[_Outcome], now: datetime) -> None
             "r_id": o.row.id, "v_status": o.status,
             "v_error": o.error[:4000] if o.error else None,
             "v_ref": o.ehr_ref[:512] if o.ehr_ref else None,
-            "v_next": now + timedelta(seconds=delay), "v_now": now,
+            "v_next": now + timedelta(seconds=delay), "v_now": at,
         })
     with write_lock(engine), engine.begin() as conn:
         conn.execute(_RECORD, params)

@@ -25,7 +25,10 @@ from integration.logs import get_logger
 from integration.settings import Connection, Settings
 from integration.writeback.flusher import FlushResult, flush
 
-__all__ = ["WritebackStage"]
+__all__ = ["LANES", "WritebackStage"]
+
+LANES = 3
+"""Flushes in flight at once on the stage's loop."""
 
 log = get_logger("careloop.writeback")
 
@@ -38,7 +41,7 @@ class WritebackStage:
         *,
         client_factory: Callable[[Connection], FHIRApi] = default_client,
         interval_s: float = 2.0,
-        limit: int = 200,
+        limit: int = 300,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -112,14 +115,23 @@ class WritebackStage:
         while not self._closed.is_set():
             self._wake.clear()
             try:
-                while True:  # drain: a full claim means more may be due
-                    result = await self._flush(None)
-                    if result.claimed < self._limit:
-                        break
+                assert self._running is not None
+                async with self._running:
+                    # Two lanes drain at once, so the EHR always has the next batch waiting
+                    # while careloop records the last one (claims never overlap).
+                    await asyncio.gather(*(self._lane() for _ in range(LANES)))
             except Exception as exc:  # the database decides; the next tick tries again
                 log.warning("writeback_failed", exc_type=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
+
+    async def _lane(self) -> None:
+        size = max(1, self._limit // LANES)
+        while True:  # drain: a full claim means more may be due
+            result = await flush(self.engine, self.settings, self._client, limit=size,
+                                 batch_support=self._batch_support)
+            if result.claimed < size:
+                return
 
     # -- the API -------------------------------------------------------------------------------
     def start(self) -> None:
