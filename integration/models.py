@@ -33,7 +33,12 @@ __all__ = [
     "api_clients",
     "audit_events",
     "channel_events",
+    "bookings",
     "ehr_outbox",
+    "freed_slots",
+    "portal_access",
+    "waitlist_entries",
+    "waitlist_offers",
     "entry_keys",
     "entry_sources",
     "fhir_secrets",
@@ -333,6 +338,7 @@ touches = Table(
     Index("ix_touches_status_due", "status", "due_at"),
     Index("ix_touches_address", "address", "sent_at"),
     Index("ix_touches_channel_address_norm", "channel", text(ADDRESS_NORM)),
+    Index("ix_touches_sent_at", "sent_at"),
     Index("ix_touches_entry_id", "entry_id"),
     Index("ix_touches_patient_id", "patient_id", "due_at"),
 )
@@ -472,3 +478,102 @@ ehr_outbox = Table(
     Index("ix_ehr_outbox_status_next", "status", "next_attempt_at"),
 )
 """The write-back outbox: every write careloop owes an EHR, retried until written or rejected."""
+
+
+# --- self-service: rebooking, waitlist, the patient's own page (issue 11) ---------------------
+
+bookings = Table(
+    "bookings",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("patient_id", PatientId, nullable=False),
+    Column("old_entry_id", String(32), nullable=True, doc="the appointment replaced, if any"),
+    Column("connection", String(64), nullable=False),
+    Column("slot_ref", String(512), nullable=False, doc="Slot/<id> in the EHR"),
+    Column("start", DateTime(timezone=True), nullable=False),
+    Column("end", DateTime(timezone=True), nullable=True),
+    Column("source", String(16), nullable=False, doc="portal | waitlist"),
+    Column("method", String(16), nullable=True, doc="transaction | book-operation | ordered"),
+    Column("status", String(16), nullable=False, doc="pending | booked | conflict | failed"),
+    Column("new_appointment_ref", String(512), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_bookings_patient_id", "patient_id", "started_at"),
+    Index("ix_bookings_started_at", "started_at"),
+)
+"""Every attempt to book a slot for a patient (rebooking from the page, a waitlist offer)."""
+
+waitlist_entries = Table(
+    "waitlist_entries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("patient_id", PatientId, nullable=False),
+    Column("entry_id", String(32), nullable=True, doc="the appointment held now (to move up)"),
+    Column("connection", String(64), nullable=True),
+    Column("service", String(255), nullable=False, default="",
+           doc="service type code or text the slot must match"),
+    Column("location", String(255), nullable=False, default=""),
+    Column("earliest", DateTime(timezone=True), nullable=True),
+    Column("latest", DateTime(timezone=True), nullable=True,
+           doc="only slots before this (e.g. the appointment held now)"),
+    Column("status", String(16), nullable=False, doc="active | booked | withdrawn"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_waitlist_entries_status", "status", "service", "created_at"),
+    Index("ix_waitlist_entries_patient_id", "patient_id"),
+)
+"""Patients who asked for an earlier slot of the same service."""
+
+freed_slots = Table(
+    "freed_slots",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(255), nullable=False, unique=True,
+           doc="what freed it: slot ref, or the cancelled entry id and time"),
+    Column("source", String(16), nullable=False, doc="hl7v2 | fhir | rebooking"),
+    Column("connection", String(64), nullable=True),
+    Column("slot_ref", String(512), nullable=True, doc="Slot/<id> when the EHR has Slots"),
+    Column("service", String(255), nullable=False, default=""),
+    Column("location", String(255), nullable=False, default=""),
+    Column("start", DateTime(timezone=True), nullable=False),
+    Column("end", DateTime(timezone=True), nullable=True),
+    Column("status", String(16), nullable=False,
+           doc="open | offering | filled | expired | withdrawn"),
+    Column("freed_at", DateTime(timezone=True), nullable=False),
+    Column("filled_at", DateTime(timezone=True), nullable=True),
+    Column("filled_by", BigInteger, nullable=True, doc="waitlist_offers.id that won"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_freed_slots_status", "status", "start"),
+)
+"""Slots freed by a cancellation or a rebooking, offered to the waitlist."""
+
+waitlist_offers = Table(
+    "waitlist_offers",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("slot_id", BigInteger, nullable=False),
+    Column("waitlist_id", BigInteger, nullable=False),
+    Column("patient_id", PatientId, nullable=False),
+    Column("channel", String(16), nullable=False, default=""),
+    Column("status", String(16), nullable=False,
+           doc="offered | accepted | declined | expired | taken"),
+    Column("offered_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("responded_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("slot_id", "waitlist_id", name="uq_waitlist_offers_slot_id"),
+    Index("ix_waitlist_offers_status", "status", "expires_at"),
+)
+"""One offer of a freed slot to one waitlisted patient."""
+
+portal_access = Table(
+    "portal_access",
+    metadata,
+    Column("token_hash", String(64), primary_key=True, doc="sha256 of the link token"),
+    Column("patient_id", PatientId, nullable=False),
+    Column("failures", Integer, nullable=False, default=0),
+    Column("locked_at", DateTime(timezone=True), nullable=True),
+    Column("verified_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""Date-of-birth checks per patient-page link: failures, and the lock after too many."""

@@ -30,10 +30,12 @@ __all__ = [
     "Connection",
     "EmailChannel",
     "HL7Sender",
+    "PatientPage",
     "PortalChannel",
     "Settings",
     "SettingsError",
     "SmsChannel",
+    "Waitlist",
     "describe_error",
     "load_settings",
 ]
@@ -94,6 +96,10 @@ class Connection(BaseModel):
     poll_interval_s: int = Field(default=60, ge=1)
     write_back: bool = True
     """Write a Communication for each touch and reply (and patients' requests) to this EHR."""
+    scheduling: Literal["slots", "request"] = "request"
+    """``slots``: the patient page offers the EHR's free Slots and books one (a transaction, or
+    ordered conditional writes; ``Appointment/$book`` where offered). ``request``: the
+    patient's preferred days and times go to staff as a Task."""
     appointment_updates: bool = False
     """The EHR lets careloop update Appointments: a confirmation sets the patient participant's
     status, a cancellation the appointment's status. Off: an AppointmentResponse records a
@@ -180,6 +186,42 @@ class PortalChannel(BaseModel):
     @field_validator("link_ttl", mode="before")
     @classmethod
     def _ttl(cls, v: object) -> object:
+        return parse_offset(v) if isinstance(v, str) else v
+
+
+class Waitlist(BaseModel):
+    """``[waitlist]``: offering freed slots to waitlisted patients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    offer_ttl: timedelta = timedelta(hours=2)
+    """How long an offer stands before it expires and the next patients are asked."""
+    wave: int = Field(default=3, ge=1, le=50)
+    """How many waitlisted patients are offered a slot at once (the first to accept gets it)."""
+    min_notice: timedelta = timedelta(hours=2)
+    """A slot starting sooner than this is not offered."""
+
+    @field_validator("offer_ttl", "min_notice", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        return parse_offset(v) if isinstance(v, str) else v
+
+
+class PatientPage(BaseModel):
+    """``[patient_page]``: the patient's own page (a ``p`` link, date of birth to open)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_dob_attempts: int = Field(default=3, ge=1, le=10)
+    """Wrong dates of birth before the link locks."""
+    session_ttl: timedelta = timedelta(minutes=30)
+    """How long the page stays open after the date of birth was confirmed (idle)."""
+    slot_days: int = Field(default=7, ge=1, le=60)
+    """Days of free slots shown at a time."""
+
+    @field_validator("session_ttl", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
         return parse_offset(v) if isinstance(v, str) else v
 
 
@@ -299,6 +341,8 @@ class Settings(BaseSettings):
     organization: Organization = Organization()
     """``[organization]``: name, phone and portal link shown in outreach messages."""
     channels: Channels = Channels()
+    waitlist: Waitlist = Waitlist()
+    patient_page: PatientPage = PatientPage()
     write_back_connection: str | None = None
     """The connection that receives write-backs for entries that came from HL7v2 feeds
     (default: the first ``[[connections]]`` entry with ``write_back``). Entries that came from

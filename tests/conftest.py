@@ -32,6 +32,7 @@ TABLES = (
     "touches", "patient_preferences", "outreach_cursors",
     "fhir_secrets", "fhir_subscriptions",
     "channel_events", "address_optouts", "patient_requests", "ehr_outbox",
+    "bookings", "waitlist_entries", "freed_slots", "waitlist_offers", "portal_access",
 )
 
 

@@ -187,3 +187,6 @@ class Organization(BaseModel):
     phone: str = ""
     link: str = ""
     """The patient portal or website: where a patient confirms, reschedules, reads next steps."""
+    results_link: str = ""
+    """The hospital's own portal for results: careloop's patient page links there and shows no
+    clinical values itself."""

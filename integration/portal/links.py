@@ -1,8 +1,9 @@
 """Signed, expiring links to the patient page: short enough for an SMS.
 
 A token is ``<kind><id>.<expiry>.<signature>``: ``kind`` says what the id names (``t`` a touch,
-``p`` a patient), ``expiry`` is the Unix time in base 36, and the signature is the first 16
-characters (96 bits) of the base64url HMAC-SHA256 of the rest under the portal secret. Nothing in
+``o`` a waitlist offer, ``p`` a patient), ``expiry`` is the Unix time in base 36, and the
+signature is the first 16 characters (96 bits) of the base64url HMAC-SHA256 of the rest under
+the portal secret. Nothing in
 the token is a patient identifier: a touch id or careloop's own patient id, which mean nothing
 outside careloop. No login: holding the link is the authorisation, so links expire
 (``[channels.portal] link_ttl``) and are only ever sent to the patient's own address.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 __all__ = ["LinkError", "LinkSigner", "PortalLink", "load_secret"]
 
-_KINDS = frozenset({"t", "p"})
+_KINDS = frozenset({"t", "p", "o"})
 _SIG_LEN = 16
 
 
@@ -41,7 +42,8 @@ class LinkError(ValueError):
 @dataclass(frozen=True)
 class PortalLink:
     kind: str
-    """``t``: a touch (its page shows that touch's entry); ``p``: a patient's own page."""
+    """``t``: a touch (its page shows that touch's entry); ``o``: a waitlist offer;
+    ``p``: a patient's own page."""
     ident: str
     expires_at: datetime
 
