@@ -29,13 +29,14 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-## bench: intake, mapping, timeline and outreach (PostgreSQL) benchmarks; tables printed, JSON in bench/results/
+## bench: intake, mappings, timeline, outreach (PostgreSQL), FHIR in and the closed loop; tables printed, JSON in bench/results/
 bench: $(STAMP)
 	$(PY) bench/bench_intake.py
 	$(PY) bench/bench_mappings.py
 	$(PY) bench/bench_timeline.py
 	$(PY) bench/bench_outreach.py
 	$(PY) bench/bench_fhir.py
+	$(PY) bench/bench_closed_loop.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -30,9 +30,7 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,30 +51,11 @@ from adapters.fhir import (  # noqa: E402
     save_private_key,
 )
 from adapters.mllp import MLLPClient  # noqa: E402
+from bench.harness import free_port, install_ehr, pct, serve  # noqa: E402
 from integration.models import ehr_outbox, touches  # noqa: E402
 from tests.e2e.ehr import CLIENT_ID, running_ehr  # noqa: E402
 
-CARELOOP = str(Path(sys.executable).parent / "careloop")
 SYSTEM = "urn:careloop:writeback"
-
-
-class _Factory:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-
-    def mktemp(self, name: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=name, dir=self.base))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _ts(moment: datetime) -> str:
@@ -206,7 +185,7 @@ async def _steady(database: Database, mllp: int, args: argparse.Namespace) -> di
     latencies = await asyncio.to_thread(database.latencies_ms, first)
     return {"touches": n, "rate_per_s": args.rate,
             "writeback_latency_ms": {"p50": round(statistics.median(latencies), 1),
-                                     "p99": round(_pct(latencies, 0.99), 1),
+                                     "p99": round(pct(latencies, 0.99), 1),
                                      "max": round(max(latencies), 1)}}
 
 
@@ -246,7 +225,7 @@ async def _peer(ehr: FHIRClient, n: int, admin: httpx.AsyncClient) -> dict[str, 
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     key = generate_signing_key("ES384")
     pem = save_private_key(key, work / "careloop.pem")
-    harness = _install(work)
+    harness = install_ehr(work)
     out: dict[str, Any] = {"touches": args.touches}
     with running_ehr(harness, key, work) as origin:
         # The peer first, each way from an empty EHR (its conditional create searches every
@@ -256,31 +235,10 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                   private_key=pem, scopes=["system/*.*"])
         async with peer, httpx.AsyncClient(base_url=origin) as admin:
             out["peer_ehr"] = await _peer(peer, args.touches, admin)
-        port, mllp = _free_port(), _free_port()
-        cfg = work / "careloop.toml"
-        cfg.write_text(CONFIG.format(origin=origin, client=CLIENT_ID, pem=pem))
-        db = work / "careloop.db"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CARELOOP_")}
-        env.update(CARELOOP_CONFIG=str(cfg), CARELOOP_DATABASE_URL=f"sqlite:///{db}",
-                   CARELOOP_BASE_URL=f"http://127.0.0.1:{port}", CARELOOP_AUTH="disabled",
-                   CARELOOP_LOG_LEVEL="warning", CARELOOP_LOG_FORMAT="json")
-        log = work / "serve.log"
-        with log.open("w") as sink:
-            proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-                [CARELOOP, "serve", "--port", str(port), "--mllp-port", str(mllp)],
-                env=env, cwd=work, stdout=sink, stderr=sink)
-        try:
-            async with httpx.AsyncClient() as http:
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/health/ready")).is_success:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("careloop serve did not start:\n" + log.read_text())
-                    await asyncio.sleep(0.1)
+        mllp = free_port()
+        config = CONFIG.format(origin=origin, client=CLIENT_ID, pem=pem)
+        with serve(work, config, mllp_port=mllp, env={"CARELOOP_LOG_LEVEL": "warning"}) as server:
+            db = server.db
             database = Database(db)
             # Every reminder falls due at one moment, ``lead`` seconds ahead: time enough to
             # take in and plan every booking (a touch already past due when planned is skipped).
@@ -326,30 +284,12 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "all_written_after_due_s": round(done - t_due, 2),
                 "touches_per_s": round(args.touches / (done - t_due), 1),
                 "writeback_latency_ms": {"p50": round(statistics.median(latencies), 1),
-                                         "p99": round(_pct(latencies, 0.99), 1),
+                                         "p99": round(pct(latencies, 0.99), 1),
                                          "max": round(max(latencies), 1)},
                 "communications_in_ehr": in_ehr,
                 "exactly_once": in_ehr == args.touches + out["steady"]["touches"],
             })
-        except BaseException:
-            print("careloop serve log (tail):\n" + log.read_text()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     return out
-
-
-def _install(work: Path) -> Path:
-    from tests.e2e import ehr
-
-    try:
-        return ehr.install(_Factory(work))  # type: ignore[arg-type]
-    except BaseException as exc:  # pytest.skip/fail outside pytest: say it plainly
-        raise SystemExit(f"the stand-in EHR cannot be installed: {exc}") from None
 
 
 def main() -> None:

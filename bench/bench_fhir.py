@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,30 +37,11 @@ import httpx  # noqa: E402
 from sqlalchemy import create_engine, func, select  # noqa: E402
 
 from adapters.fhir import FHIRClient, generate_signing_key, save_private_key  # noqa: E402
+from bench.harness import CARELOOP, install_ehr, pct, serve  # noqa: E402
 from integration.models import timeline_entries  # noqa: E402
 from tests.e2e.ehr import APPOINTMENT_TOPIC, CLIENT_ID, running_ehr  # noqa: E402
 
-CARELOOP = str(Path(sys.executable).parent / "careloop")
 HARNESS = Path(os.environ.get("CARELOOP_EHR_HARNESS", ROOT.parent / "shared" / "ehr"))
-
-
-class _Factory:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-
-    def mktemp(self, name: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=name, dir=self.base))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _appointment(patient: str, n: int) -> dict[str, Any]:
@@ -104,39 +84,17 @@ async def _wait_for(timeline: Timeline, ids: set[str], timeout: float,
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     key = generate_signing_key("ES384")
     pem = save_private_key(key, work / "careloop.pem")
-    harness = _install(work)
+    harness = install_ehr(work)
     out: dict[str, Any] = {}
     with running_ehr(harness, key, work, EHR_NOTIFY_RETRIES="0") as origin:
-        port = _free_port()
-        cfg = work / "careloop.toml"
-        cfg.write_text(
+        config = (
             '[[connections]]\nname = "main-ehr"\n'
             f'fhir_base = "{origin}/fhir/R4"\nclient_id = "{CLIENT_ID}"\n'
             f'private_key = "{pem}"\nscopes = ["system/*.*"]\nmode = "backport"\n'
             'payload = "id-only"\nresource_types = ["Appointment"]\n'
             f'topics = {{ Appointment = "{APPOINTMENT_TOPIC}" }}\nheartbeat_s = 60\n')
-        db = work / "careloop.db"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CARELOOP_")}
-        env.update(CARELOOP_CONFIG=str(cfg), CARELOOP_DATABASE_URL=f"sqlite:///{db}",
-                   CARELOOP_BASE_URL=f"http://127.0.0.1:{port}", CARELOOP_AUTH="disabled",
-                   CARELOOP_LOG_LEVEL="info", CARELOOP_LOG_FORMAT="json")
-        log = work / "serve.log"
-        with log.open("w") as sink:
-            proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-                [CARELOOP, "serve", "--port", str(port), "--mllp-port", "0"],
-                env=env, cwd=work, stdout=sink, stderr=sink)
-        try:
-            async with httpx.AsyncClient() as http:
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/health/ready")).is_success:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("careloop serve did not start:\n" + log.read_text())
-                    await asyncio.sleep(0.1)
+        with serve(work, config) as server:
+            env, db, log = server.env, server.db, server.log
             ensured = await asyncio.to_thread(
                 subprocess.run, [CARELOOP, "subscriptions", "ensure"], env=env, cwd=work,
                 capture_output=True, text=True, timeout=120, check=False)
@@ -161,7 +119,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     arrived = await _wait_for(timeline, {made.id}, 30)
                     latencies.append((arrived - written) * 1000)
                 out["latency_ms"] = {"n": len(latencies), "p50": statistics.median(latencies),
-                                     "p99": _pct(latencies, 0.99), "max": max(latencies)}
+                                     "p99": pct(latencies, 0.99), "max": max(latencies)}
                 # 2. sustained: a burst of writes from 8 concurrent writers
                 sem = asyncio.Semaphore(8)
 
@@ -203,25 +161,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     "method": finished[-1].get("method") if finished else None,
                     "first_started_at": started_at[0] if started_at else None,
                 }
-        except BaseException:
-            print("careloop serve log (tail):\n" + log.read_text()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     return out
-
-
-def _install(work: Path) -> Path:
-    from tests.e2e import ehr
-
-    try:
-        return ehr.install(_Factory(work))  # type: ignore[arg-type]
-    except BaseException as exc:  # pytest.skip/fail outside pytest: say it plainly
-        raise SystemExit(f"the stand-in EHR cannot be installed: {exc}") from None
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from integration.bodies import BodyRefused, read_limited
 from integration.clients import Client
 from integration.db import ping
 from integration.fhir_notify import router as fhir_notify_router
@@ -97,20 +98,10 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="careloop", Basic realm="careloo
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "bad_request", "Content-Length is not a number")
-        if int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_limited(request, limit)
+    except BodyRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
 
 
 def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:

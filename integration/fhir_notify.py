@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from integration.bodies import BodyRefused, read_limited
 from integration.fhir_state import read_secret
 from integration.intake import StorageUnavailable
 from integration.logs import get_logger
@@ -40,22 +41,6 @@ def operation_outcome(status: int, code: str, text: str,
     return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def notification_row(connection: str, body: bytes, *, now: datetime,
@@ -130,9 +115,10 @@ async def notify(connection: str, request: Request) -> Response:
                                  {"WWW-Authenticate": 'Bearer realm="careloop-fhir-notify"'})
     limit = settings.http_max_body_bytes
     try:
-        body = await _read_limited(request, limit)
-    except _TooLarge:
-        return operation_outcome(413, "too-costly", f"the body exceeds {limit} bytes")
+        body = await read_limited(request, limit)
+    except BodyRefused as exc:
+        return operation_outcome(exc.status, "too-costly" if exc.status == 413 else "invalid",
+                                 exc.message)
     now = datetime.now(UTC)
     row, error = notification_row(connection, body, now=now,
                                   stale_after=timedelta(seconds=settings.stale_after_s))

@@ -15,7 +15,6 @@ channel writes through :class:`adapters.channels.FileChannel` under
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -23,16 +22,15 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from adapters.channels import Channel, FileChannel
-from integration.logs import get_logger
 from integration.outreach.pathways import CHANNELS
 from integration.outreach.reconciler import ReconcileResult, reconcile
 from integration.outreach.sender import Delivery, SweepResult, send_due
 from integration.outreach.state import OutreachConfig
 from integration.outreach.templates import TemplateCatalog
+from integration.ticker import Ticker
 
 __all__ = ["OutreachStage", "catalog_for", "file_channels"]
 
-log = get_logger("careloop.outreach")
 
 
 def file_channels(folder: Path) -> dict[str, Channel]:
@@ -67,9 +65,7 @@ class OutreachStage:
         self.delivery = delivery or Delivery()
         self._after_run = after_run
         """Called after each loop turn (the runtime pokes the write-back stage)."""
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("outreach", config.outreach.interval_s, self._turn)
 
     def reconcile(self, now: datetime | None = None) -> ReconcileResult:
         return reconcile(self.engine, self.config, now=now, record=self.delivery.record)
@@ -83,28 +79,16 @@ class OutreachStage:
 
     # -- the in-process loop -----------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="outreach", daemon=True)
-            self._thread.start()
+        self._ticker.start()
 
     def poke(self) -> None:
         """New timeline changes were committed: run soon rather than at the next tick."""
-        self._wake.set()
+        self._ticker.poke()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._ticker.stop(timeout)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                if self._after_run is not None:
-                    self._after_run()
-            except Exception as exc:  # the database decides; the next tick tries again
-                log.warning("outreach_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
-            self._wake.wait(self.config.outreach.interval_s)
-            self._wake.clear()
+    def _turn(self) -> None:
+        self.run_once()
+        if self._after_run is not None:
+            self._after_run()

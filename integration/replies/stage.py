@@ -6,20 +6,16 @@ so several runners are safe; ``after_run`` lets the runtime wake the write-back 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 
 from sqlalchemy import Engine
 
 from adapters.channels import Channel
-from integration.logs import get_logger
 from integration.replies.processor import ProcessResult, process_events
 from integration.settings import Settings
+from integration.ticker import Ticker
 
 __all__ = ["ReplyStage"]
-
-log = get_logger("careloop.replies")
-
 
 class ReplyStage:
     def __init__(
@@ -36,36 +32,21 @@ class ReplyStage:
         self.channels = channels
         self.interval_s = interval_s
         self._after_run = after_run
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("replies", interval_s, self._turn)
 
     def run_once(self) -> ProcessResult:
         return process_events(self.engine, self.settings, self.channels)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="replies", daemon=True)
-            self._thread.start()
+        self._ticker.start()
 
     def poke(self, _event_id: int | None = None) -> None:
-        self._wake.set()
+        self._ticker.poke()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._ticker.stop(timeout)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                result = self.run_once()
-                if result.processed and self._after_run is not None:
-                    self._after_run()
-            except Exception as exc:  # the database decides; the next tick tries again
-                log.warning("replies_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
-            self._wake.wait(self.interval_s)
+    def _turn(self) -> None:
+        result = self.run_once()
+        if result.processed and self._after_run is not None:
+            self._after_run()

@@ -42,6 +42,7 @@ from adapters.twilio import (
     say_twiml,
     verify_signature,
 )
+from integration.bodies import BodyRefused, read_limited
 from integration.db import write_lock
 from integration.logs import get_logger
 from integration.models import channel_events
@@ -73,20 +74,10 @@ class _Problem(Exception):
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise _Problem(400, "bad_request", "Content-Length is not a number")
-        if int(declared) > limit:
-            raise _Problem(413, "body_too_large", f"the body exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Problem(413, "body_too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_limited(request, limit)
+    except BodyRefused as exc:
+        raise _Problem(exc.status, exc.code, exc.message) from None
 
 
 def _form(body: bytes) -> dict[str, list[str]]:
