@@ -802,5 +802,41 @@ def writeback_replay(ids: tuple[int, ...], failed: bool) -> None:
     click.echo(f"{count} row{'s' if count != 1 else ''} will be written again")
 
 
+# -- the patient page ----------------------------------------------------------------------------
+@main.group()
+def portal() -> None:
+    """The patient page: signed links for patients."""
+
+
+@portal.command("link")
+@click.argument("patient_id")
+@click.option("--ttl", default="P7D", show_default=True,
+              help="How long the link works (ISO 8601 duration, e.g. P7D or PT12H).")
+def portal_link(patient_id: str, ttl: str) -> None:
+    """Print a link to PATIENT_ID's own page (opened with their date of birth), to send to
+    the patient's own address. A merged patient's link names the surviving patient."""
+    from datetime import timedelta
+
+    from integration.delivery import link_signer
+    from integration.identity import resolve_id
+    from integration.outreach.pathways import parse_offset
+
+    try:
+        lifetime = parse_offset(ttl)
+    except ValueError as exc:
+        _fail(f"--ttl: {exc}", EXIT_BAD_SETTINGS)
+    if lifetime <= timedelta(0):
+        _fail("--ttl must be positive", EXIT_BAD_SETTINGS)
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            survivor = resolve_id(conn, patient_id)
+    finally:
+        engine.dispose()
+    if survivor is None:
+        _fail(f"no patient {patient_id}", EXIT_BAD_INPUT)
+    click.echo(link_signer(settings).url("p", survivor, now=datetime.now(UTC), ttl=lifetime))
+
 if __name__ == "__main__":  # pragma: no cover
     main()

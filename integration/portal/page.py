@@ -46,6 +46,7 @@ from integration.outreach.pathways import CHANNELS
 from integration.outreach.stage import catalog_for
 from integration.outreach.state import OutreachConfig
 from integration.outreach.templates import TemplateCatalog
+from integration.portal.home_view import scheduling_mode
 from integration.portal.i18n import (
     N_,
     STATIC_DIR,
@@ -326,6 +327,7 @@ async def show(request: Request, token: str) -> Response:
     urls = {action: f"{state.prefix}/p/{token}/{action}"
             + (f"?{urlencode({'lang': lang_query})}" if lang_query else "")
             for action in ACTIONS}
+    home_url, rebook_url = await _own_page_urls(request, state, checked, page, lang_query)
     return _render(
         state, "page.html", page.language, 200,
         page=page,
@@ -340,7 +342,26 @@ async def show(request: Request, token: str) -> Response:
         languages=_languages_offered(page),
         max_comment=MAX_COMMENT,
         max_preferred=MAX_PREFERRED,
+        home_url=home_url,
+        rebook_url=rebook_url,
     )
+
+
+async def _own_page_urls(request: Request, state: PortalState, link: PortalLink,
+                         page: PortalPage, lang_query: str) -> tuple[str, str]:
+    """The patient's own page (a ``p`` link expiring with this one, the same on every view,
+    so its date-of-birth tries are counted once), and its "choose a new time" page for this
+    appointment when the patient can rebook it online (else "")."""
+    if page.touch is None:
+        return "", ""
+    token = state.signer.token("p", page.patient_id, now=link.expires_at - state.signer.ttl)
+    query = f"?{urlencode({'lang': lang_query})}" if lang_query else ""
+    home = f"{state.prefix}/p/{token}"
+    rebook = ""
+    if page.appointment is not None and page.appointment.actionable and page.entry_id and (
+            await scheduling_mode(request.app.state.runtime, page.entry_id) == "slots"):
+        rebook = f"{home}/appointments/{page.entry_id}/slots{query}"
+    return f"{home}{query}", rebook
 
 
 @router.get("/p/{token}/{action}")

@@ -413,18 +413,14 @@ class TestPreferences:
         assert count(portal, channel_events) == 0
         assert count(portal, patient_preferences) == 0
 
-    def test_patient_link(self, portal: Portal, client: TestClient) -> None:
-        """A ``p`` link: the patient's own preferences, and nothing about any entry."""
+    def test_patient_link_asks_for_the_date_of_birth(self, portal: Portal,
+                                                      client: TestClient) -> None:
+        """A ``p`` link opens the patient's own page, which asks for the date of birth first:
+        nothing about the patient, and no change without it (tests/portal/test_home.py)."""
         touch = portal.appointment()
         url = portal.url(touch.patient_id, kind="p")
         page = client.get(url)
         assert page.status_code == 200
-        assert "<h1>Sus preferencias de contacto</h1>" in page.text
         assert "Check-up" not in page.text and ">Confirmar</button>" not in page.text
-        assert client.post(f"{url}/confirm", data={}).status_code == 409
-        r = client.post(f"{url}/preferences", data={"channel": "voice"})
-        assert r.status_code == 303
-        (prefs,) = rows(portal, patient_preferences)
-        assert prefs.preferred_channel == "voice"
-        (event,) = rows(portal, channel_events)
-        assert event.provider_id.startswith(f"p{touch.patient_id}:preferences:")
+        assert client.post(f"{url}/preferences", data={"channel": "voice"}).status_code == 403
+        assert rows(portal, patient_preferences) == []
