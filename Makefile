@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_outreach.py
 	$(PY) bench/bench_fhir.py
 	$(PY) bench/bench_closed_loop.py
+	$(PY) bench/bench_booking.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

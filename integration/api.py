@@ -23,6 +23,8 @@ from integration.fhir_notify import router as fhir_notify_router
 from integration.keys import JWKSFile
 from integration.logs import get_logger
 from integration.oauth import OAuthError
+from integration.portal.home import router as home_router
+from integration.portal.offer import router as offer_router
 from integration.portal.page import router as portal_router
 from integration.replies.webhooks import router as replies_router
 from integration.runtime import Runtime
@@ -282,6 +284,8 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
 
     app.include_router(patients_router)
     app.include_router(fhir_notify_router)
+    app.include_router(home_router)  # "p" links, then "o" links, before page.router's "t"
+    app.include_router(offer_router)
     app.include_router(portal_router)
     app.include_router(replies_router)
     return app

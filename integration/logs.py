@@ -29,6 +29,7 @@ ALLOWED_KEYS = frozenset(
         "inbox_id",
         "inbox_ids",
         "event_id",
+        "booking_id",
         "control_id",
         "message_type",
         "sender",

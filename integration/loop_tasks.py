@@ -1,5 +1,6 @@
 """Celery tasks of the closed loop: ``careloop.writeback.flush`` (queue ``writeback``) and
-``careloop.replies.process`` (queue ``outreach``), with their beat entries.
+``careloop.replies.process`` and ``careloop.waitlist.tick`` (queue ``outreach``: freed slots
+from cancellations, then a round of offers), with their beat entries.
 
 A worker keeps one :class:`~integration.writeback.WritebackStage` per process (its FHIR clients
 and SMART tokens live on the stage's own event loop) and builds the channels once. Beat ticks
@@ -19,17 +20,21 @@ from adapters.channels import Channel
 from integration.delivery import build_channels
 from integration.replies.processor import process_events
 from integration.settings import Settings
+from integration.waitlist import consume_cancellations, offer_round
 from integration.writeback import WritebackStage
 
-__all__ = ["LOOP_TICK_S", "loop_schedule", "register_loop_tasks"]
+__all__ = ["LOOP_TICK_S", "WAITLIST_TICK_S", "loop_schedule", "register_loop_tasks"]
 
 LOOP_TICK_S = 5.0
+WAITLIST_TICK_S = 10.0
 
 
 def loop_schedule(settings: Settings) -> dict[str, Any]:
     schedule: dict[str, Any] = {
         "replies-process": {"task": "careloop.replies.process", "schedule": LOOP_TICK_S,
                             "options": {"queue": "outreach", "expires": LOOP_TICK_S * 5}},
+        "waitlist-tick": {"task": "careloop.waitlist.tick", "schedule": WAITLIST_TICK_S,
+                          "options": {"queue": "outreach", "expires": WAITLIST_TICK_S * 3}},
     }
     if any(c.write_back for c in settings.connections):
         schedule["writeback-flush"] = {
@@ -65,3 +70,8 @@ def register_loop_tasks(app: Celery, settings: Settings, engine: Callable[[], En
         if result.processed and any(c.write_back for c in settings.connections):
             app.send_task("careloop.writeback.flush", queue="writeback")
         return result.processed
+
+    @app.task(name="careloop.waitlist.tick", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
+    def waitlist_tick() -> int:
+        consume_cancellations(engine(), settings)
+        return offer_round(engine(), settings, chans()).offered

@@ -29,8 +29,10 @@ from integration.pipeline import (
     queue_depth,
 )
 from integration.replies.stage import ReplyStage
+from integration.scheduling import SchedulingService
 from integration.settings import Settings
 from integration.tasks import CeleryDispatcher, make_celery
+from integration.waitlist import WaitlistStage
 from integration.workpool import WorkPool
 from integration.writeback import WritebackStage
 from mappings.ack import AckCode, AckError, build_ack_for_unreadable
@@ -87,6 +89,13 @@ class Runtime:
             self.replies = ReplyStage(
                 self.engine, settings, self.channels,
                 after_run=self.writeback.poke if self.writeback is not None else None)
+        self.scheduling = SchedulingService(self.engine, settings, notify=self._booked)
+        """Free slots and rebooking in the EHR (the patient page, waitlist acceptances)."""
+        self.waitlist: WaitlistStage | None = None
+        """Freed slots offered to the waitlist, in-process (no broker)."""
+        if inprocess:
+            self.waitlist = WaitlistStage(self.engine, settings, self.channels,
+                                          scheduling=self.scheduling)
         self.outreach: OutreachStage | None = None
         """The outreach stage's in-process loop (no broker and pathways configured)."""
         if settings.pathways and inprocess:
@@ -131,7 +140,15 @@ class Runtime:
             self.fhir.process(inbox_ids)  # the fhir rows; process_batch leaves them alone
         if self.outreach is not None:
             self.outreach.poke()  # new timeline changes: reconcile now, not at the next tick
+        if self.waitlist is not None:
+            self.waitlist.poke()  # a cancellation may have freed a slot
         return outcomes
+
+    def _booked(self) -> None:
+        """A booking committed: new reminders to plan, a Communication and a freed slot owed."""
+        for stage in (self.outreach, self.writeback, self.waitlist):
+            if stage is not None:
+                stage.poke()
 
     def _sweep(self) -> list[int]:
         deliver_app_acks(self.engine, self.settings)
@@ -156,6 +173,8 @@ class Runtime:
             self.writeback.start()
         if self.replies is not None:
             self.replies.start()
+        if self.waitlist is not None:
+            self.waitlist.start()
         start = getattr(self.dispatcher, "start", None)
         if start is not None and self._inprocess is None:
             start()
@@ -204,6 +223,11 @@ class Runtime:
             await asyncio.to_thread(self.outreach.stop)
         if self.replies is not None:
             await asyncio.to_thread(self.replies.stop)
+        if self.waitlist is not None:
+            await asyncio.to_thread(self.waitlist.stop)
+        close = getattr(self.scheduling, "aclose", None)  # tests may put a stand-in there
+        if close is not None:
+            await close()
         if self.writeback is not None:
             await asyncio.to_thread(self.writeback.stop)
         if self.work_pool is not None:

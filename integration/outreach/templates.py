@@ -47,6 +47,10 @@ CHANNEL_BLOCKS = {
 }
 
 
+def _plain(text: str) -> str:
+    return text.replace("\u202f", " ").replace("\u00a0", " ")
+
+
 class TemplateProblem(ValueError):
     """A template that cannot be used; the message names the file and line."""
 
@@ -118,18 +122,20 @@ class TemplateCatalog:
         except (UnknownLocaleError, ValueError):
             locale = Locale.parse(self.default_language)
 
+        # CLDR puts a narrow no-break space before "AM"/"PM" (and no-break spaces elsewhere):
+        # outside GSM-7, one of them turns a whole SMS into UCS-2 and doubles its segments.
         def when(moment: datetime, fmt: str = "full") -> str:
             day_part = format_date(moment.astimezone(tz), fmt, locale=locale)
-            return f"{day_part}, {format_time(moment, 'short', tzinfo=tz, locale=locale)}"
+            return _plain(f"{day_part}, {format_time(moment, 'short', tzinfo=tz, locale=locale)}")
 
         def day(moment: datetime, fmt: str = "full") -> str:
-            return format_date(moment.astimezone(tz), fmt, locale=locale)
+            return _plain(format_date(moment.astimezone(tz), fmt, locale=locale))
 
         def clock(moment: datetime) -> str:
-            return format_time(moment, "short", tzinfo=tz, locale=locale)
+            return _plain(format_time(moment, "short", tzinfo=tz, locale=locale))
 
         def stamp(moment: datetime, fmt: str = "medium") -> str:
-            return format_datetime(moment, fmt, tzinfo=tz, locale=locale)
+            return _plain(format_datetime(moment, fmt, tzinfo=tz, locale=locale))
 
         context = template.new_context(
             {**values, "when": when, "day": day, "clock": clock, "stamp": stamp,

@@ -76,3 +76,20 @@ class TestSmsLength:
     def test_segments(self, text: str, encoding: str, segments: int) -> None:
         length = sms_length(text)
         assert (length.encoding, length.segments) == (encoding, segments)
+
+
+def test_times_in_sms_stay_in_gsm7() -> None:
+    """Babel writes "3:00\u202fPM"; that one character would make the SMS UCS-2."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from integration.outreach.sms import sms_length
+    from integration.outreach.templates import TemplateCatalog, sample_values
+
+    catalog = TemplateCatalog()
+    values = sample_values()
+    values["moment"] = datetime(2026, 3, 10, 19, 0, tzinfo=UTC)
+    rendered = catalog.render("appointment-reminder-short", "sms", "en",
+                              ZoneInfo("America/New_York"), values)
+    assert "3:00 PM" in rendered.body, rendered.body  # EDT from 8 March
+    assert sms_length(rendered.body).encoding == "GSM-7"
