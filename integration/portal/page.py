@@ -231,10 +231,14 @@ async def _check(state: PortalState, request: Request, token: str,
     """The link, or the page that refuses it (404 forged or unknown; 410 expired, in the
     patient's language when the link names a patient we know)."""
     try:
-        return state.signer.read(token, now=now)
+        link = state.signer.read(token, now=now)
     except LinkError as exc:
         if not exc.expired:
             return _Refused(_message(state, "not-found", _fallback_language(state, request)))
+    else:
+        if link.kind != "t":  # patient and offer links have their own pages (home, offer)
+            return _Refused(_message(state, "not-found", _fallback_language(state, request)))
+        return link
     # Expired, but genuinely ours (the signature checked): whom it was for is known.
     language: str | None = None
     try:
