@@ -226,17 +226,21 @@ class _Refused:
     response: Response
 
 
+_TOUCH = frozenset({"t"})
+"""This router's links; patient (``p``) and offer (``o``) links have their own pages."""
+
+
 async def _check(state: PortalState, request: Request, token: str,
-                 now: datetime) -> PortalLink | _Refused:
-    """The link, or the page that refuses it (404 forged or unknown; 410 expired, in the
-    patient's language when the link names a patient we know)."""
+                 now: datetime, *, kinds: frozenset[str] | None = None) -> PortalLink | _Refused:
+    """The link, or the page that refuses it (404 forged, unknown, or not one of ``kinds``;
+    410 expired, in the patient's language when the link names a patient we know)."""
     try:
         link = state.signer.read(token, now=now)
     except LinkError as exc:
         if not exc.expired:
             return _Refused(_message(state, "not-found", _fallback_language(state, request)))
     else:
-        if link.kind != "t":  # patient and offer links have their own pages (home, offer)
+        if kinds is not None and link.kind not in kinds:
             return _Refused(_message(state, "not-found", _fallback_language(state, request)))
         return link
     # Expired, but genuinely ours (the signature checked): whom it was for is known.
@@ -308,7 +312,7 @@ class _Unaudited(Exception):
 async def show(request: Request, token: str) -> Response:
     state = await asyncio.to_thread(portal_state, request.app)
     now = state.clock()
-    checked = await _check(state, request, token, now)
+    checked = await _check(state, request, token, now, kinds=_TOUCH)
     if isinstance(checked, _Refused):
         return checked.response
     override = request.query_params.get("lang")
@@ -529,7 +533,7 @@ async def _read_form(request: Request) -> dict[str, list[str]]:
 async def act(request: Request, token: str, action: str) -> Response:
     state = await asyncio.to_thread(portal_state, request.app)
     now = state.clock()
-    checked = await _check(state, request, token, now)
+    checked = await _check(state, request, token, now, kinds=_TOUCH)
     if isinstance(checked, _Refused):
         return checked.response
     if action not in ACTIONS:
