@@ -6,22 +6,18 @@ cursor and the slots are locked in the database, so several runners are safe."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import Engine
 
 from adapters.channels import Channel
-from integration.logs import get_logger
 from integration.settings import Settings
+from integration.ticker import Ticker
 from integration.waitlist.freed import consume_cancellations
 from integration.waitlist.offers import AcceptOutcome, OfferRound, Rebooker, accept, offer_round
 
 __all__ = ["WaitlistStage"]
-
-log = get_logger("careloop.waitlist")
-
 
 class WaitlistStage:
     def __init__(
@@ -37,9 +33,7 @@ class WaitlistStage:
         self.channels = channels
         self.scheduling = scheduling
         self.interval_s = interval_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("waitlist", interval_s, self.run_once)
 
     def run_once(self, now: datetime | None = None) -> tuple[int, OfferRound]:
         """``(slots freed from new cancellations, the offer round's counts)``."""
@@ -53,26 +47,10 @@ class WaitlistStage:
                             offer_id=offer_id, now=now)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="waitlist", daemon=True)
-            self._thread.start()
+        self._ticker.start()
 
     def poke(self, *_args: object) -> None:
-        self._wake.set()
+        self._ticker.poke()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                self.run_once()
-            except Exception as exc:  # the database decides; the next tick tries again
-                log.warning("waitlist_failed", exc_type=type(exc).__name__, error=str(exc)[:200])
-            self._wake.wait(self.interval_s)
+        self._ticker.stop(timeout)

@@ -72,7 +72,7 @@ class TestWaitlistStage:
             stage.poke()
         finally:
             stage.stop()
-        assert _consumed(engine) and stage._thread is None
+        assert _consumed(engine) and stage._ticker._thread is None
         assert [m["key"] for m in sent(tmp_path, "offer:")] == ["offer:1"]
         assert [s.status for s in slots(engine)] == ["offering"]
 
