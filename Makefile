@@ -29,7 +29,7 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-## bench: intake, mappings, timeline, outreach (PostgreSQL), FHIR in and the closed loop; tables printed, JSON in bench/results/
+## bench: intake, mappings, timeline, outreach (PostgreSQL), FHIR in, the closed loop, booking and outcomes; tables printed, JSON in bench/results/
 bench: $(STAMP)
 	$(PY) bench/bench_intake.py
 	$(PY) bench/bench_mappings.py
@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_fhir.py
 	$(PY) bench/bench_closed_loop.py
 	$(PY) bench/bench_booking.py
+	$(PY) bench/bench_outcomes.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -69,3 +69,101 @@ def register_queue_collector(depth: Callable[[], dict[str, tuple[int, float]]]) 
     collector = _QueueCollector(depth)
     REGISTRY.register(collector)
     _registered.append(collector)
+
+
+# --- outcomes (issue 11): what outreach sent and what patients did -------------------------
+# Labels come from small fixed sets (and pathway names from the configuration); anything else
+# is reported as "other", so that no caller can put an address, a name or an id in a label.
+
+TOUCHES = Counter(
+    "careloop_touches_total",
+    "Touches that reached a final state, by pathway, channel and status.",
+    ["pathway", "channel", "status"],
+)
+REPLIES = Counter(
+    "careloop_replies_total",
+    "Patient replies and patient-page actions, by channel and what they meant.",
+    ["channel", "intent"],
+)
+PATIENT_REQUESTS = Counter(
+    "careloop_patient_requests_total",
+    "Requests patients made (confirm, cancel, reschedule, survey), by action and source.",
+    ["action", "source"],
+)
+BOOKINGS = Counter(
+    "careloop_bookings_total",
+    "Slot bookings that finished, by source (portal | waitlist) and status.",
+    ["source", "status"],
+)
+WAITLIST_OFFERS = Counter(
+    "careloop_waitlist_offers_total",
+    "Waitlist offers made (offered) and answered or ended, by status.",
+    ["status"],
+)
+
+OTHER = "other"
+CHANNEL_LABELS = frozenset({"sms", "email", "voice", "portal"})
+TOUCH_STATUSES = frozenset({"sent", "failed", "skipped", "cancelled"})
+INTENTS = frozenset({"confirm", "cancel", "reschedule", "survey", "preferences", "opt-out",
+                     "opt-in", "help", "repeat", "unknown"})
+REQUEST_ACTIONS = frozenset({"confirm", "cancel", "reschedule", "survey"})
+BOOKING_SOURCES = frozenset({"portal", "waitlist"})
+BOOKING_STATUSES = frozenset({"pending", "booked", "conflict", "failed"})
+OFFER_STATUSES = frozenset({"offered", "accepted", "declined", "expired", "taken"})
+_PATHWAY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+__all__ += [  # this section's names
+    "BOOKINGS",
+    "PATIENT_REQUESTS",
+    "REPLIES",
+    "TOUCHES",
+    "WAITLIST_OFFERS",
+    "count_booking",
+    "count_patient_request",
+    "count_reply",
+    "count_touch",
+    "count_waitlist_offer",
+]
+
+
+def _one_of(value: object, allowed: frozenset[str]) -> str:
+    text = str(getattr(value, "value", value) or "")
+    return text if text in allowed else OTHER
+
+
+def _pathway(name: object) -> str:
+    # Pathway names are configuration ([[pathways]] name: lower case, digits, - and _).
+    text = str(name or "")
+    ok = (0 < len(text) <= 63 and set(text) <= _PATHWAY_CHARS and text[0] not in "-_"
+          and not text.isdigit())
+    return text if ok else OTHER
+
+
+def count_touch(pathway: str, channel: str, status: str, n: int = 1) -> None:
+    """A touch became ``sent``, ``failed``, ``skipped`` or ``cancelled`` (after the commit)."""
+    if n > 0:
+        TOUCHES.labels(_pathway(pathway), _one_of(channel, CHANNEL_LABELS),
+                       _one_of(status, TOUCH_STATUSES)).inc(n)
+
+
+def count_reply(channel: str, intent: object) -> None:
+    """An inbound message or a patient-page action was handled (``intent``: an
+    :class:`integration.replies.keywords.Intent` or its value, or a page action)."""
+    REPLIES.labels(_one_of(channel, CHANNEL_LABELS), _one_of(intent, INTENTS)).inc()
+
+
+def count_patient_request(action: str, source: str) -> None:
+    """A new ``patient_requests`` row was committed."""
+    PATIENT_REQUESTS.labels(_one_of(action, REQUEST_ACTIONS),
+                            _one_of(source, CHANNEL_LABELS)).inc()
+
+
+def count_booking(source: str, status: str) -> None:
+    """A booking attempt ended (``booked``, ``conflict``, ``failed``) or started (``pending``)."""
+    BOOKINGS.labels(_one_of(source, BOOKING_SOURCES), _one_of(status, BOOKING_STATUSES)).inc()
+
+
+def count_waitlist_offer(status: str, n: int = 1) -> None:
+    """Offers made (``offered``) or answered or ended (the other statuses)."""
+    if n > 0:
+        WAITLIST_OFFERS.labels(_one_of(status, OFFER_STATUSES)).inc(n)

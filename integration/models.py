@@ -339,6 +339,8 @@ touches = Table(
     Index("ix_touches_address", "address", "sent_at"),
     Index("ix_touches_channel_address_norm", "channel", text(ADDRESS_NORM)),
     Index("ix_touches_sent_at", "sent_at"),
+    Index("ix_touches_unsent_updated_at", "updated_at",
+          sqlite_where=text("sent_at IS NULL"), postgresql_where=text("sent_at IS NULL")),
     Index("ix_touches_entry_id", "entry_id"),
     Index("ix_touches_patient_id", "patient_id", "due_at"),
 )

@@ -44,6 +44,7 @@ from sqlalchemy import Connection, Engine, bindparam, select, update
 from adapters.channels import Channel, ChannelError, OutgoingMessage, Receipt
 from integration.db import write_lock
 from integration.logs import get_logger
+from integration.metrics import count_touch
 from integration.models import channel_events, touches
 from integration.outreach.pathways import Trigger
 from integration.outreach.planner import Entry, Touch
@@ -214,15 +215,24 @@ def _send_claimed(  # noqa: PLR0917
         with engine.begin() as conn:
             updates = _check_and_send(conn, config, channels, catalog, ids, now, delivery, result)
             _record(conn, updates, delivery, now)
-        return result
-    # SQLite: check and send in a read transaction (WAL readers never block the writer), then
-    # record under the one-writer gate.
-    with engine.connect() as conn:
-        updates = _check_and_send(conn, config, channels, catalog, ids, now, delivery, result)
-        conn.rollback()
-    with write_lock(engine), engine.begin() as conn:
-        _record(conn, updates, delivery, now)
+    else:
+        # SQLite: check and send in a read transaction (WAL readers never block the writer),
+        # then record under the one-writer gate.
+        with engine.connect() as conn:
+            updates = _check_and_send(conn, config, channels, catalog, ids, now, delivery,
+                                      result)
+            conn.rollback()
+        with write_lock(engine), engine.begin() as conn:
+            _record(conn, updates, delivery, now)
+    _count(updates)
     return result
+
+
+def _count(updates: list[dict[str, Any]]) -> None:
+    """Prometheus, after the commit: touches by pathway, channel and final status."""
+    for u in updates:
+        if u["v_status"] in RECORDED:
+            count_touch(u["pathway"], u["v_channel"], u["v_status"])
 
 
 def _check_and_send(  # noqa: PLR0917
@@ -240,7 +250,8 @@ def _check_and_send(  # noqa: PLR0917
         .order_by(touches.c.due_at, touches.c.id)
     )]
     snap = load_snapshot(conn, config, {r.entry_id for r in rows}, now, lock=True)
-    return [_one(config, snap, channels, catalog, row, now, result, delivery) for row in rows]
+    return [{**_one(config, snap, channels, catalog, row, now, result, delivery),
+             "pathway": row.pathway} for row in rows]
 
 
 def _record(conn: Connection, updates: list[dict[str, Any]], delivery: Delivery,

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from integration.logs import get_logger
+from integration.metrics import count_patient_request
 from integration.models import (
     address_optouts,
     patient_preferences,
@@ -42,7 +43,7 @@ from integration.models import (
 )
 from integration.outreach.policy import normal_address
 from integration.outreach.state import entry_time_key
-from integration.replies.matching import address_expr
+from integration.replies.matching import address_expr, address_key
 from integration.settings import Settings
 from integration.writeback import enqueue_request
 
@@ -84,7 +85,7 @@ def _patients_of(conn: Connection, channel: str, address: str) -> list[str]:
     rows = conn.execute(
         select(e.c.patient_id)
         .select_from(t.join(e, e.c.id == t.c.entry_id))
-        .where(t.c.channel == channel, address_expr(t.c.address) == address)
+        .where(t.c.channel == channel, address_expr(t.c.address) == address_key(address))
         .group_by(e.c.patient_id)
         .limit(_NUDGE_LIMIT)
     )
@@ -130,7 +131,7 @@ def opt_out(conn: Connection, channel: str, address: str, *, event_id: int | Non
     cancelled = conn.execute(
         update(t)
         .where(t.c.channel == channel, t.c.status == "scheduled",
-               address_expr(t.c.address) == wanted)
+               address_expr(t.c.address) == address_key(wanted))
         .values(status="cancelled", reason=OPTED_OUT_REASON, updated_at=now)
     ).rowcount
     if inserted:
@@ -280,6 +281,7 @@ def record_request(
                     detail=detail, now=now)
     log.info("patient_request_recorded", entry_id=entry_id, patient_id=patient_id,
              status=action, source=source)
+    count_patient_request(action, source)
     return int(request_id)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "Match",
     "MatchedTouch",
     "address_expr",
+    "address_key",
     "entry_open",
     "match_reply",
     "touch_by_key",
@@ -80,12 +81,26 @@ class Match:
         return self.touch.language if self.touch is not None else ""
 
 
+_KEY_NOISE = (" ", "-", ".", "(", ")", "/")
+
+
 def address_expr(column: Any) -> ColumnElement[str]:
-    """SQL for :func:`normal_address` of a phone column (lower case also covers emails)."""
+    """An address column as the index ``ix_touches_channel_address_norm`` keys it: trimmed,
+    lower-cased, without spaces, dashes, dots, parentheses and slashes. Compare it with
+    :func:`address_key` of a value (for a phone that is :func:`normal_address`; an email keeps
+    its dots there, so never compare this with ``normal_address`` directly)."""
     expr = func.lower(func.trim(column))
-    for ch in (" ", "-", ".", "(", ")", "/"):
+    for ch in _KEY_NOISE:
         expr = func.replace(expr, ch, "")
     return expr
+
+
+def address_key(value: str) -> str:
+    """:func:`address_expr` in Python, for the value it is compared with."""
+    text = value.strip(" ").lower()
+    for ch in _KEY_NOISE:
+        text = text.replace(ch, "")
+    return text
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -130,7 +145,7 @@ def match_reply(conn: Connection, channel: str, address: str, *, now: datetime) 
         select(*_COLUMNS)
         .join(e, e.c.id == t.c.entry_id)
         .where(t.c.channel == channel, t.c.status == "sent", t.c.sent_at >= now - WINDOW,
-               address_expr(t.c.address) == wanted)
+               address_expr(t.c.address) == address_key(wanted))
         .order_by(t.c.sent_at.desc(), t.c.id.desc())
     ).all()
     open_rows = [r for r in rows if entry_open(r.kind, r.status, r.time, r.sent_at, now)]
@@ -144,7 +159,7 @@ def match_reply(conn: Connection, channel: str, address: str, *, now: datetime) 
         select(e.c.patient_id)
         .select_from(t.join(e, e.c.id == t.c.entry_id))
         .where(t.c.channel == channel, t.c.status == "sent",
-               address_expr(t.c.address) == wanted)
+               address_expr(t.c.address) == address_key(wanted))
         .group_by(e.c.patient_id)
         .limit(2)
     ).scalars().all()

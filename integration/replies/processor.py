@@ -42,6 +42,7 @@ from adapters.channels import Channel, ChannelError, OutgoingMessage
 from adapters.twilio import parse_status
 from integration.db import write_lock
 from integration.logs import get_logger
+from integration.metrics import count_reply
 from integration.models import address_optouts, channel_events, touches
 from integration.portal.links import LinkSigner, load_secret
 from integration.replies.effects import opt_in, opt_out, record_request
@@ -344,8 +345,12 @@ def _process_one(engine: Engine, settings: Settings, event_id: int,
         conn.execute(
             update(ce).where(ce.c.id == event_id, ce.c.status == "pending")
             .values(status="processed", result=outcome.result[:255],
-                    attempts=ce.c.attempts + 1, processed_at=now)
+                    attempts=ce.c.attempts + 1, processed_at=now,
+                    # a reply matched to its touch keeps the key (outcomes count it there)
+                    touch_key=func.coalesce(ce.c.touch_key, outcome.touch_key))
         )
+    if outcome.kind == "inbound":
+        count_reply(outcome.channel, outcome.intent)
     return outcome
 
 

@@ -51,6 +51,7 @@ from integration.db import write_lock
 from integration.fhir_ingest import ClientFactory, default_client, fhir_source
 from integration.identity import REF_SYSTEM_PREFIX, IdentityRules, resolve_id
 from integration.logs import get_logger
+from integration.metrics import count_booking
 from integration.models import (
     bookings,
     entry_sources,
@@ -419,6 +420,7 @@ class SchedulingService:
             # booked in the EHR but not recorded here: the row stays pending, and the same
             # choice made again resumes it (the Appointment is found by its identifier)
             raise
+        count_booking(source, outcome.status)
         log.info("booking_finished", patient_id=attempt.patient_id,
                  entry_id=entry_id, booking_id=outcome.booking_id, status=outcome.status,
                  connection=attempt.connection.name, source=source,

@@ -51,6 +51,7 @@ from adapters.channels import Channel, OutgoingMessage
 from integration.db import write_lock
 from integration.delivery import link_signer
 from integration.logs import get_logger
+from integration.metrics import count_waitlist_offer
 from integration.models import (
     freed_slots,
     patient_preferences,
@@ -192,6 +193,10 @@ def offer_round(engine: Engine, settings: Settings, channels: Mapping[str, Chann
             result.offered += 1
         else:
             _expire_unsent(engine, message.offer_id, now)
+    if result.offered:
+        count_waitlist_offer("offered", result.offered)
+    if result.expired:
+        count_waitlist_offer("expired", result.expired)
     if result.offered or result.expired or result.skipped:
         log.info("waitlist_offer_round", count=result.offered,
                  status=f"expired {result.expired} skipped {result.skipped}")
@@ -473,6 +478,7 @@ async def accept(engine: Engine, settings: Settings, channels: Mapping[str, Chan
             await asyncio.to_thread(_undo, engine, claim, now)
             status = Outcome.TAKEN
     log.info("waitlist_offer_accepted", patient_id=claim.patient_id, status=status.value)
+    count_waitlist_offer("taken" if status is Outcome.TAKEN else "accepted")
     if claim.others:
         await asyncio.to_thread(_tell, engine, settings, channels, claim.others, now)
     return AcceptOutcome(status.value, claim.start,

@@ -15,6 +15,7 @@ from integration.models import (
     ehr_outbox,
     patient_preferences,
     timeline_changes,
+    touches,
 )
 from integration.replies.effects import (
     CONFIRMED_TAG,
@@ -69,6 +70,18 @@ class TestOptOut:
         with write_lock(engine), engine.begin() as conn:
             assert opt_out(conn, "email", " Jane@Example.org", event_id=None, now=REPLY_AT)
             assert not opt_out(conn, "email", "jane@example.org", event_id=None, now=REPLY_AT)
+
+
+    def test_email_opt_out_cancels_scheduled_email(self, engine: Engine,
+                                                   tmp_path: Path) -> None:
+        """An address with dots (``jane.doe@...``) is matched in SQL by the indexed key, which
+        drops dots: the Python side must be keyed the same way, or nothing is cancelled."""
+        book(engine, tmp_path, send_first=False)
+        with write_lock(engine), engine.begin() as conn:
+            conn.execute(touches.update().where(touches.c.channel == "sms").values(
+                channel="email", address="Jane.Doe@Example.org"))
+            assert opt_out(conn, "email", "jane.doe@example.org", event_id=None, now=REPLY_AT)
+        assert {t.status for t in all_touches(engine) if t.channel == "email"} == {"cancelled"}
 
 
 class TestPreferences:

@@ -104,9 +104,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("token_hash", name=op.f("pk_portal_access")),
     )
     op.create_index("ix_touches_sent_at", "touches", ["sent_at"])
+    # The outcome report's period filter for touches never sent (skipped, held back).
+    op.create_index("ix_touches_unsent_updated_at", "touches", ["updated_at"],
+                    sqlite_where=sa.text("sent_at IS NULL"),
+                    postgresql_where=sa.text("sent_at IS NULL"))
 
 
 def downgrade() -> None:
+    op.drop_index("ix_touches_unsent_updated_at", table_name="touches")
     op.drop_index("ix_touches_sent_at", table_name="touches")
     op.drop_table("portal_access")
     op.drop_index("ix_waitlist_offers_status", table_name="waitlist_offers")
