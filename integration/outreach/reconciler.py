@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from integration.db import write_lock
 from integration.logs import get_logger
-from integration.models import outreach_cursors, timeline_changes, timeline_entries, touches
+from integration.models import timeline_entries, touches
 from integration.outreach.planner import Plan, Skip, Touch
 from integration.outreach.record import Recorder
 from integration.outreach.state import (
@@ -48,6 +48,7 @@ from integration.outreach.state import (
     load_snapshot,
     one_of,
 )
+from integration.timeline.consumers import advance, next_changes
 
 __all__ = ["ReconcileResult", "reconcile", "reconcile_entries"]
 
@@ -109,52 +110,15 @@ def _batch(  # noqa: PLR0917
     conn: Connection, config: OutreachConfig, now: datetime, wall: datetime, name: str,
     record: Recorder | None = None,
 ) -> ReconcileResult | None:
-    c = outreach_cursors
-    conn.execute(
-        _insert(conn, c)
-        .values(name=name, last_id=0, updated_at=wall)
-        .on_conflict_do_nothing(index_elements=["name"])
-    )
-    query = select(c.c.last_id, c.c.held_since).where(c.c.name == name)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    cursor = conn.execute(query).first()
-    if cursor is None:
+    run = next_changes(conn, name, limit=config.outreach.batch,
+                       gap_grace_s=config.outreach.gap_grace_s, wall=wall)
+    if run is None:
         return None  # another consumer holds the cursor
-    last = int(cursor.last_id)
-    tc = timeline_changes
-    rows = conn.execute(
-        select(tc.c.id, tc.c.entry_id, tc.c.patient_id, tc.c.kind, tc.c.change)
-        .where(tc.c.id > last)
-        .order_by(tc.c.id)
-        .limit(config.outreach.batch)
-    ).all()
-    if not rows:
+    if not run.changes:
         return ReconcileResult()
-    take = []
-    expected = last + 1
-    for r in rows:
-        if r.id != expected:
-            break
-        take.append(r)
-        expected += 1
-    held = None
-    if not take:
-        # A gap at the head: an id handed to a transaction not yet committed (or rolled back).
-        since = cursor.held_since
-        since = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
-        if since is None or wall - since < timedelta(seconds=config.outreach.gap_grace_s):
-            if since is None:
-                conn.execute(update(c).where(c.c.name == name).values(held_since=wall))
-            return ReconcileResult()
-        take = list(rows)
-        log.warning("outreach_gap_skipped", count=rows[0].id - last - 1)
-    result = _apply_changes(conn, config, take, now, record)
-    conn.execute(
-        update(c).where(c.c.name == name)
-        .values(last_id=take[-1].id, held_since=held, updated_at=wall)
-    )
-    result.changes = len(take)
+    result = _apply_changes(conn, config, run.changes, now, record)
+    advance(conn, name, run, wall=wall)
+    result.changes = len(run.changes)
     return result
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from integration.db import write_lock
@@ -29,12 +29,11 @@ from integration.logs import get_logger
 from integration.models import (
     entry_sources,
     freed_slots,
-    outreach_cursors,
-    timeline_changes,
     timeline_entries,
     waitlist_entries,
 )
 from integration.settings import Settings
+from integration.timeline.consumers import advance, next_changes
 from integration.waitlist.entries import end_entries, location_of, service_of, utc
 
 __all__ = ["CURSOR", "consume_cancellations", "freed_key", "slot_freed", "slot_ref_of"]
@@ -134,48 +133,17 @@ def _batch(conn: Connection, settings: Settings, now: datetime,
            wall: datetime) -> tuple[int, int] | None:
     """One batch: ``(changes consumed, slots freed)``; ``None`` when another consumer holds
     the cursor."""
-    c = outreach_cursors
-    conn.execute(
-        _insert(conn, c).values(name=CURSOR, last_id=0, updated_at=wall)
-        .on_conflict_do_nothing(index_elements=["name"])
-    )
-    query = select(c.c.last_id, c.c.held_since).where(c.c.name == CURSOR)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    cursor = conn.execute(query).first()
-    if cursor is None:
+    run = next_changes(conn, CURSOR, limit=settings.outreach.batch,
+                       gap_grace_s=settings.outreach.gap_grace_s, wall=wall)
+    if run is None:
         return None
-    last = int(cursor.last_id)
-    tc = timeline_changes
-    rows = conn.execute(
-        select(tc.c.id, tc.c.entry_id, tc.c.kind, tc.c.change, tc.c.status)
-        .where(tc.c.id > last).order_by(tc.c.id).limit(settings.outreach.batch)
-    ).all()
-    if not rows:
+    if not run.changes:
         return 0, 0
-    take = []
-    expected = last + 1
-    for r in rows:
-        if r.id != expected:
-            break
-        take.append(r)
-        expected += 1
-    if not take:
-        # A gap at the head: an id handed to a transaction not yet committed (or rolled back).
-        since = cursor.held_since
-        since = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
-        if since is None or wall - since < timedelta(seconds=settings.outreach.gap_grace_s):
-            if since is None:
-                conn.execute(update(c).where(c.c.name == CURSOR).values(held_since=wall))
-            return 0, 0
-        take = list(rows)
-        log.warning("waitlist_gap_skipped", count=rows[0].id - last - 1)
-    cancelled = sorted({r.entry_id for r in take if r.kind == "appointment"
+    cancelled = sorted({r.entry_id for r in run.changes if r.kind == "appointment"
                         and r.change in ("created", "updated") and r.status == "cancelled"})
     freed = _free(conn, settings, cancelled, now) if cancelled else 0
-    conn.execute(update(c).where(c.c.name == CURSOR)
-                 .values(last_id=take[-1].id, held_since=None, updated_at=wall))
-    return len(take), freed
+    advance(conn, CURSOR, run, wall=wall)
+    return len(run.changes), freed
 
 
 def _free(conn: Connection, settings: Settings, entry_ids: list[str], now: datetime) -> int:
