@@ -167,3 +167,67 @@ def count_waitlist_offer(status: str, n: int = 1) -> None:
     """Offers made (``offered``) or answered or ended (the other statuses)."""
     if n > 0:
         WAITLIST_OFFERS.labels(_one_of(status, OFFER_STATUSES)).inc(n)
+
+
+# --- the write-back outbox and the EHR subscriptions (operations) --------------------------
+
+WRITEBACK = Counter(
+    "careloop_writeback_total",
+    "Write-back rows that left a flush, by resource type and outcome (written | failed | "
+    "retry).",
+    ["resource_type", "status"],
+)
+_WRITEBACK_TYPES = frozenset({"Communication", "AppointmentResponse", "Task", "Appointment",
+                              "Slot"})
+_WRITEBACK_STATUSES = frozenset({"written", "failed", "retry"})
+
+
+def count_writeback(resource_type: str, status: str, n: int = 1) -> None:
+    WRITEBACK.labels(_one_of(resource_type, _WRITEBACK_TYPES),
+                     _one_of(status, _WRITEBACK_STATUSES)).inc(n)
+
+
+class _SubscriptionCollector(Collector):
+    """Seconds since each FHIR subscription last heard from its EHR (a notification or a
+    heartbeat), and its heartbeat period: an alert compares the two."""
+
+    def __init__(self, ages: Callable[[], list[tuple[str, str, float | None, float]]]) -> None:
+        self._ages = ages
+
+    def collect(self) -> Iterator[Any]:
+        silent = GaugeMetricFamily(
+            "careloop_subscription_silence_seconds",
+            "Seconds since the EHR last sent a notification or heartbeat for a subscription.",
+            labels=["connection", "resource_type"])
+        period = GaugeMetricFamily(
+            "careloop_subscription_heartbeat_seconds",
+            "The heartbeat period asked of the EHR (0: none).",
+            labels=["connection", "resource_type"])
+        try:
+            rows = self._ages()
+        except Exception:  # a scrape must not fail because the database is briefly away
+            rows = []
+        for connection, resource_type, age, heartbeat in rows:
+            if age is not None:
+                silent.add_metric([connection, resource_type], age)
+            period.add_metric([connection, resource_type], heartbeat)
+        yield silent
+        yield period
+
+
+_subscription_collectors: list[_SubscriptionCollector] = []
+
+
+def register_subscription_collector(
+        ages: Callable[[], list[tuple[str, str, float | None, float]]]) -> None:
+    """Report subscription silence from ``ages()`` on each scrape (re-registering replaces
+    it): ``(connection, resource type, seconds since last heard or None, heartbeat period)``."""
+    for old in _subscription_collectors:
+        REGISTRY.unregister(old)
+    _subscription_collectors.clear()
+    collector = _SubscriptionCollector(ages)
+    REGISTRY.register(collector)
+    _subscription_collectors.append(collector)
+
+
+__all__ += ["WRITEBACK", "count_writeback", "register_subscription_collector"]

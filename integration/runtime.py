@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from adapters.mllp import MLLPServer, ServerLimits, server_ssl_context
 from integration.appacks import deliver_app_acks
@@ -17,7 +17,8 @@ from integration.delivery import build_channels, delivery_for
 from integration.fhir_ingest import FhirWorker
 from integration.intake import GroupCommitter, IntakeService, Receipt
 from integration.logs import get_logger
-from integration.metrics import register_queue_collector
+from integration.metrics import register_queue_collector, register_subscription_collector
+from integration.models import fhir_subscriptions
 from integration.oauth import TokenService
 from integration.outreach.stage import OutreachStage
 from integration.outreach.state import OutreachConfig
@@ -161,6 +162,8 @@ class Runtime:
         if self.started:
             return
         register_queue_collector(lambda: queue_depth(self.engine))
+        if self.settings.connections:
+            register_subscription_collector(self._subscription_silence)
         if self._checkpointer is not None:
             self._checkpointer.start()
         if self.fhir is not None:
@@ -238,6 +241,24 @@ class Runtime:
         if stop is not None and self._inprocess is None:
             stop()
         self.started = False
+
+    def _subscription_silence(self) -> list[tuple[str, str, float | None, float]]:
+        """Per subscription: seconds since the EHR was last heard, and the heartbeat asked."""
+        s = fhir_subscriptions
+        now = datetime.now(UTC)
+        out: list[tuple[str, str, float | None, float]] = []
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(s.c.connection, s.c.resource_type, s.c.mode,
+                                       s.c.last_notification_at, s.c.last_heartbeat_at))
+            for r in rows:
+                connection = self.settings.connection(r.connection)
+                if connection is None or r.mode == "poll":
+                    continue
+                heard = [t if t.tzinfo else t.replace(tzinfo=UTC)
+                         for t in (r.last_notification_at, r.last_heartbeat_at) if t is not None]
+                age = (now - max(heard)).total_seconds() if heard else None
+                out.append((r.connection, r.resource_type, age, float(connection.heartbeat_s)))
+        return out
 
     def on_channel_event(self, event_id: int) -> None:
         """A webhook committed a channel event: process it soon (never raises)."""

@@ -44,6 +44,7 @@ from adapters.fhir.errors import (
 )
 from integration.db import write_lock
 from integration.logs import get_logger
+from integration.metrics import count_writeback
 from integration.models import ehr_outbox
 from integration.settings import Connection, Settings
 from integration.writeback.resources import WRITEBACK_SYSTEM, ChangeError, apply_change
@@ -393,7 +394,7 @@ async def _flush_connection(
     client_for: Callable[[Connection], FHIRApi], batch_support: dict[str, bool],
     now: datetime, result: FlushResult,
 ) -> None:
-    def record(outcomes: Sequence[_Outcome]) -> Any:
+    async def record(outcomes: Sequence[_Outcome]) -> None:
         for o in outcomes:
             if o.status == "written":
                 result.written += 1
@@ -401,7 +402,10 @@ async def _flush_connection(
                 result.failed += 1
             else:
                 result.retried += 1
-        return asyncio.to_thread(_record, engine, outcomes, now)
+        await asyncio.to_thread(_record, engine, outcomes, now)
+        for o in outcomes:  # after the commit
+            count_writeback(o.row.resource_type,
+                            o.status if o.status in ("written", "failed") else "retry")
 
     if connection is None:
         await record([_Outcome(r, "failed", error=f"no [[connections]] entry is called {name!r}")
