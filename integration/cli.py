@@ -838,5 +838,81 @@ def portal_link(patient_id: str, ttl: str) -> None:
         _fail(f"no patient {patient_id}", EXIT_BAD_INPUT)
     click.echo(link_signer(settings).url("p", survivor, now=datetime.now(UTC), ttl=lifetime))
 
+
+# -- retention and data protection ----------------------------------------------------------
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Rows removed per transaction.")
+def purge(dry_run: bool, batch: int) -> None:
+    """Remove what is past the [retention] periods: processed messages, resources, finished
+    touches, channel events, written outbox rows and audit events. Unprocessed rows are never
+    removed. Prints a table of what was (or would be) removed; the run is an audit event."""
+    from integration.retention import SETTING_OF, TABLES
+    from integration.retention import purge as run_purge
+
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        counts = run_purge(engine, settings, batch=batch, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    click.echo(f"{'TABLE':<18}  {'RETENTION':<12}  {'WOULD REMOVE' if dry_run else 'REMOVED':>12}")
+    for table in TABLES:
+        period = getattr(settings.retention, SETTING_OF[table])
+        kept = _iso_duration(period) if period is not None else "forever"
+        click.echo(f"{table:<18}  {kept:<12}  {counts[table]:>12}")
+    if not settings.retention.any_set():
+        click.echo("no [retention] period is set: everything is kept")
+
+
+def _iso_duration(period: Any) -> str:
+    seconds = int(period.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    time = "".join(f"{n}{u}" for n, u in ((hours, "H"), (minutes, "M"), (secs, "S")) if n)
+    return f"P{days}D" + (f"T{time}" if time else "") if days else f"PT{time or '0S'}"
+
+
+@main.command()
+@click.option("--patient", "patient_id", required=True, help="careloop patient id (a merged "
+              "id exports the surviving patient).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file instead of stdout.")
+def export(patient_id: str, out: str | None) -> None:
+    """Write everything careloop holds about one patient as NDJSON (one JSON object per line,
+    with a "type"), for an access request. The export is recorded in the audit log."""
+    import getpass
+
+    from integration.export import UnknownPatient, write_export
+    from integration.identity import resolve_id
+
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    try:
+        with engine.connect() as conn:
+            if resolve_id(conn, patient_id) is None:
+                raise UnknownPatient(patient_id)
+        if out:
+            with open(out, "w", encoding="utf-8") as fh:
+                counts = write_export(engine, patient_id, fh, actor=f"cli:{user}")
+        else:
+            counts = write_export(engine, patient_id, sys.stdout, actor=f"cli:{user}")
+    except UnknownPatient:
+        _fail(f"no patient {patient_id}", EXIT_BAD_INPUT)
+    except OSError as exc:
+        _fail(f"{out}: {exc.strerror}", EXIT_BAD_INPUT)
+    finally:
+        engine.dispose()
+    if out:
+        total = sum(counts.values())
+        click.echo(f"{total} record{'s' if total != 1 else ''} written to {out}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,6 +1,8 @@
 """Celery tasks of the closed loop: ``careloop.writeback.flush`` (queue ``writeback``) and
 ``careloop.replies.process`` and ``careloop.waitlist.tick`` (queue ``outreach``: freed slots
-from cancellations, then a round of offers), with their beat entries.
+from cancellations, then a round of offers), with their beat entries, and the daily
+``careloop.retention.purge`` (queue ``outreach``, scheduled only when ``[retention]`` sets a
+period).
 
 A worker keeps one :class:`~integration.writeback.WritebackStage` per process (its FHIR clients
 and SMART tokens live on the stage's own event loop) and builds the channels once. Beat ticks
@@ -19,14 +21,18 @@ from sqlalchemy import Engine
 from adapters.channels import Channel
 from integration.delivery import build_channels
 from integration.replies.processor import process_events
+from integration.retention import purge
 from integration.settings import Settings
 from integration.waitlist import consume_cancellations, offer_round
 from integration.writeback import WritebackStage
 
-__all__ = ["LOOP_TICK_S", "WAITLIST_TICK_S", "loop_schedule", "register_loop_tasks"]
+__all__ = ["LOOP_TICK_S", "RETENTION_PURGE_S", "WAITLIST_TICK_S", "loop_schedule",
+           "register_loop_tasks"]
 
 LOOP_TICK_S = 5.0
 WAITLIST_TICK_S = 10.0
+RETENTION_PURGE_S = 24 * 3600.0
+"""``careloop.retention.purge`` runs daily (only when a ``[retention]`` period is set)."""
 
 
 def loop_schedule(settings: Settings) -> dict[str, Any]:
@@ -40,6 +46,10 @@ def loop_schedule(settings: Settings) -> dict[str, Any]:
         schedule["writeback-flush"] = {
             "task": "careloop.writeback.flush", "schedule": LOOP_TICK_S,
             "options": {"queue": "writeback", "expires": LOOP_TICK_S * 5}}
+    if settings.retention.any_set():
+        schedule["retention-purge"] = {
+            "task": "careloop.retention.purge", "schedule": RETENTION_PURGE_S,
+            "options": {"queue": "outreach", "expires": RETENTION_PURGE_S / 2}}
     return schedule
 
 
@@ -75,3 +85,9 @@ def register_loop_tasks(app: Celery, settings: Settings, engine: Callable[[], En
     def waitlist_tick() -> int:
         consume_cancellations(engine(), settings)
         return offer_round(engine(), settings, chans()).offered
+
+    @app.task(name="careloop.retention.purge", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
+    def retention_purge() -> int:
+        if not settings.retention.any_set():
+            return 0
+        return sum(purge(engine(), settings).values())

@@ -32,6 +32,7 @@ __all__ = [
     "HL7Sender",
     "PatientPage",
     "PortalChannel",
+    "Retention",
     "Settings",
     "SettingsError",
     "SmsChannel",
@@ -207,6 +208,46 @@ class Waitlist(BaseModel):
         return parse_offset(v) if isinstance(v, str) else v
 
 
+class Retention(BaseModel):
+    """``[retention]``: how long careloop keeps what it stored (ISO 8601 durations, at least
+    one day; unset keeps forever). ``careloop purge`` and the daily beat task remove the rest;
+    unprocessed rows are never removed, whatever their age."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    raw_messages: timedelta | None = None
+    """Inbox rows processed, failed or rejected this long ago (by ``received_at``), with their
+    mapped resources."""
+    resources: timedelta | None = None
+    """``mapped_resources`` (by ``created_at``)."""
+    touches: timedelta | None = None
+    """Touches sent, cancelled, skipped or failed (by ``updated_at``)."""
+    channel_events: timedelta | None = None
+    """Provider webhooks and portal actions processed or failed (by ``received_at``)."""
+    writeback: timedelta | None = None
+    """Write-back outbox rows written to the EHR (by ``updated_at``)."""
+    audit_events: timedelta | None = None
+    """Audit events (by ``at``)."""
+
+    @field_validator("raw_messages", "resources", "touches", "channel_events", "writeback",
+                     "audit_events", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        return parse_offset(v) if isinstance(v, str) else v
+
+    @field_validator("raw_messages", "resources", "touches", "channel_events", "writeback",
+                     "audit_events")
+    @classmethod
+    def _at_least_a_day(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and v < timedelta(days=1):
+            raise ValueError("a retention period must be at least one day (P1D)")
+        return v
+
+    def any_set(self) -> bool:
+        """Whether anything is ever purged."""
+        return any(getattr(self, name) is not None for name in type(self).model_fields)
+
+
 class PatientPage(BaseModel):
     """``[patient_page]``: the patient's own page (a ``p`` link, date of birth to open)."""
 
@@ -343,6 +384,8 @@ class Settings(BaseSettings):
     channels: Channels = Channels()
     waitlist: Waitlist = Waitlist()
     patient_page: PatientPage = PatientPage()
+    retention: Retention = Retention()
+    """``[retention]``: how long stored messages, resources, touches and audit events are kept."""
     write_back_connection: str | None = None
     """The connection that receives write-backs for entries that came from HL7v2 feeds
     (default: the first ``[[connections]]`` entry with ``write_back``). Entries that came from
