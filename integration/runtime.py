@@ -257,7 +257,9 @@ class Runtime:
                 heard = [t if t.tzinfo else t.replace(tzinfo=UTC)
                          for t in (r.last_notification_at, r.last_heartbeat_at) if t is not None]
                 age = (now - max(heard)).total_seconds() if heard else None
-                out.append((r.connection, r.resource_type, age, float(connection.heartbeat_s)))
+                # Classic (R4) subscriptions have no heartbeat: nothing to hold them to.
+                heartbeat = float(connection.heartbeat_s) if r.mode == "backport" else 0.0
+                out.append((r.connection, r.resource_type, age, heartbeat))
         return out
 
     def on_channel_event(self, event_id: int) -> None:

@@ -19,7 +19,10 @@ from tests.helpers import settings_for
 
 CONNECTIONS = [
     {"name": "main-ehr", "fhir_base": "http://ehr.invalid/fhir", "client_id": "careloop",
-     "mode": "classic", "heartbeat_s": 60, "write_back": False},
+     "mode": "backport", "heartbeat_s": 60, "write_back": False,
+     "topics": {"Appointment": "http://example.org/topics/appointment-change",
+                "CarePlan": "http://example.org/topics/careplan-change",
+                "MedicationRequest": "http://example.org/topics/medicationrequest-change"}},
     {"name": "polled", "fhir_base": "http://other.invalid/fhir", "client_id": "careloop",
      "mode": "poll", "write_back": False},
 ]
@@ -41,7 +44,7 @@ def _subscription(runtime: Runtime, connection: str, mode: str, heard: datetime 
 
 
 def test_subscription_silence(runtime: Runtime) -> None:
-    _subscription(runtime, "main-ehr", "classic", datetime.now(UTC) - timedelta(seconds=300))
+    _subscription(runtime, "main-ehr", "backport", datetime.now(UTC) - timedelta(seconds=300))
     _subscription(runtime, "polled", "poll", None)
     ((connection, resource_type, age, heartbeat),) = runtime._subscription_silence()
     assert (connection, resource_type, heartbeat) == ("main-ehr", "Appointment", 60.0)
