@@ -280,6 +280,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
         return Response(content, status_code=status, media_type=HL7_MEDIA_TYPE, headers=headers)
 
     # patients_api depends on require_scope above: imported here to avoid an import cycle.
+    from integration.console.pages import router as console_router  # noqa: PLC0415
     from integration.outcomes.api import router as outcomes_router  # noqa: PLC0415
     from integration.patients_api import router as patients_router  # noqa: PLC0415
 
@@ -290,6 +291,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     app.include_router(portal_router)
     app.include_router(replies_router)
     app.include_router(outcomes_router)
+    app.include_router(console_router)
     return app
 
 

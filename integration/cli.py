@@ -914,5 +914,57 @@ def export(patient_id: str, out: str | None) -> None:
         click.echo(f"{total} record{'s' if total != 1 else ''} written to {out}", err=True)
 
 
+# -- console users -------------------------------------------------------------------------------
+@main.group()
+def users() -> None:
+    """People who sign in to the web console (not API clients)."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["admin", "operator", "viewer"]),
+              help="viewer sees counts and statuses; operator also replays; admin all.")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from stdin (first line) instead of generating one.")
+def users_create(name: str, role: str, password_stdin: bool) -> None:
+    """Add a console user; prints a generated password once (unless --password-stdin)."""
+    from integration.console.users import UserExists, create_user
+
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        password = create_user(engine, name, role, password)
+    except UserExists as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_SETTINGS)
+    finally:
+        engine.dispose()
+    if password_stdin:
+        click.echo(f"user {name} created ({role})")
+    else:
+        click.echo(f"user:     {name} ({role})\npassword: {password}\n"
+                   "Keep the password now: it is stored hashed and cannot be shown again.")
+
+
+@users.command("disable")
+@click.argument("name")
+def users_disable(name: str) -> None:
+    """Disable a console user; their sessions end at once."""
+    from integration.console.users import disable_user
+
+    engine = _engine(_settings())
+    try:
+        done = disable_user(engine, name)
+    finally:
+        engine.dispose()
+    if not done:
+        _fail(f"no user {name}", EXIT_BAD_INPUT)
+    click.echo(f"user {name} disabled")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -34,6 +34,8 @@ __all__ = [
     "audit_events",
     "bookings",
     "channel_events",
+    "console_sessions",
+    "console_users",
     "ehr_outbox",
     "entry_keys",
     "entry_sources",
@@ -579,3 +581,34 @@ portal_access = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 """Date-of-birth checks per patient-page link: failures, and the lock after too many."""
+
+
+# --- the web console: people who sign in (issue 10) -------------------------------------------
+
+console_users = Table(
+    "console_users",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False, doc="argon2id (PHC string)"),
+    Column("role", String(16), nullable=False, doc="admin | operator | viewer"),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("failed_logins", Integer, nullable=False, default=0),
+    Column("locked_until", DateTime(timezone=True), nullable=True),
+    Column("last_login_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""People who sign in to the console (not API clients): ``careloop users create``."""
+
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True, doc="sha256 of the session cookie's token"),
+    Column("user_id", BigInteger, nullable=False),
+    Column("csrf", String(64), nullable=False, doc="the token every form of the session posts"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, doc="the absolute limit"),
+    Index("ix_console_sessions_user_id", "user_id"),
+)
+"""Console sessions: idle timeout from ``last_seen_at``, absolute limit ``expires_at``."""
