@@ -112,9 +112,11 @@ async def _serve(settings: Settings) -> None:
     import uvicorn
 
     from integration.api import create_app
+    from integration.console.users import first_admin
     from integration.runtime import Runtime
 
     runtime = Runtime(settings)
+    admin_password = first_admin(runtime.engine)  # a first start: someone must sign in
     app = create_app(runtime)
     config = uvicorn.Config(
         app,
@@ -149,7 +151,10 @@ async def _serve(settings: Settings) -> None:
             f"{' (TLS)' if settings.mllp_tls_cert else ''}\n"
             f"  database  {_safe_url(settings.database_url)}\n"
             f"  worker    {worker}\n"
-            f"Stop with Ctrl-C.",
+            f"  console   {http}/console"
+            + (f"  (first start: user admin, password {admin_password}, shown only now; "
+               f"`careloop users create` adds people)" if admin_password else "")
+            + "\nStop with Ctrl-C.",
             err=True,
         )
 

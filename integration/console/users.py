@@ -20,6 +20,7 @@ from typing import Literal
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from integration.db import write_lock
 from integration.models import audit_events, console_users
@@ -104,6 +105,19 @@ def create_user(engine: Engine, username: str, role: str, password: str | None =
             failed_logins=0, created_at=now))
         audit(conn, "cli", "console.user_created", now, {"username": username, "role": role})
     return password
+
+
+def first_admin(engine: Engine, *, now: datetime | None = None) -> str | None:
+    """On a first start with no console user at all: create ``admin`` (role admin) and return
+    its generated password, to be shown once; None when any user exists (or another replica
+    made it first)."""
+    with engine.connect() as conn:
+        if conn.execute(select(console_users.c.id).limit(1)).first() is not None:
+            return None
+    try:
+        return create_user(engine, "admin", "admin", now=now)
+    except (UserExists, IntegrityError):
+        return None
 
 
 def disable_user(engine: Engine, username: str, *, now: datetime | None = None) -> bool:

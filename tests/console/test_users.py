@@ -128,3 +128,14 @@ def test_cli_create_and_disable(db_url: str, engine: Engine,
     assert off.exit_code == 0 and "disabled" in off.output
     assert not authenticate(engine, "erin", PASSWORD, now=NOW).ok
     assert runner.invoke(main, ["users", "disable", "nobody"]).exit_code == 1
+
+
+def test_first_admin_only_on_an_empty_table(engine: Engine) -> None:
+    """``careloop serve`` on a first start makes ``admin`` and shows its password once."""
+    from integration.console.users import authenticate, first_admin
+
+    password = first_admin(engine)
+    assert password and len(password) >= 12
+    assert first_admin(engine) is None  # a restart: nothing new, nothing shown
+    login = authenticate(engine, "admin", password)
+    assert login.ok and login.person is not None and login.person.role == "admin"
