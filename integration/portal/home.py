@@ -313,6 +313,20 @@ def _audit(engine: Engine, patient_id: str, now: datetime, detail: dict[str, Any
 
 # --- the date of birth ----------------------------------------------------------------------
 
+async def _opened(request: Request, token: str, *, next_entry: str = "") -> _Visit | Response:
+    """The visit when its session is open; otherwise the page to answer with (a refusal, or
+    the date-of-birth form, which returns to ``next_entry``'s slots once answered)."""
+    visit = await _visit(request, token)
+    if not isinstance(visit, _Visit):
+        return visit
+    opened = await _session_open(visit)
+    if isinstance(opened, Response):
+        return opened
+    if not opened:
+        return _dob_form(visit, next_entry=next_entry)
+    return visit
+
+
 def _dob_form(visit: _Visit, *, status: int = 200, error: str = "", left: int | None = None,
               values: Mapping[str, str] | None = None, next_entry: str = "") -> Response:
     locale = _locale(visit.language)
@@ -396,14 +410,9 @@ def _survey_url(visit: _Visit, touch_id: int) -> str:
 
 @router.get("/p/{token:patient_token}")
 async def show_home(request: Request, token: str) -> Response:
-    visit = await _visit(request, token)
+    visit = await _opened(request, token)
     if not isinstance(visit, _Visit):
         return visit
-    opened = await _session_open(visit)
-    if isinstance(opened, Response):
-        return opened
-    if not opened:
-        return _dob_form(visit)
     try:
         page = await asyncio.to_thread(_show_home, visit.engine, visit,
                                        request.query_params.get("lang"))
@@ -757,14 +766,9 @@ async def _slots_page(
 
 @router.get("/p/{token:patient_token}/appointments/{entry_id}/slots")
 async def show_slots(request: Request, token: str, entry_id: str) -> Response:
-    visit = await _visit(request, token)
+    visit = await _opened(request, token, next_entry=entry_id if entry_id.isalnum() else "")
     if not isinstance(visit, _Visit):
         return visit
-    opened = await _session_open(visit)
-    if isinstance(opened, Response):
-        return opened
-    if not opened:
-        return _dob_form(visit, next_entry=entry_id if entry_id.isalnum() else "")
     appointment = await _appointment(visit, entry_id)
     if not isinstance(appointment, HomeAppointment):
         return appointment
@@ -820,14 +824,9 @@ def _booking(engine: Engine, visit: _Visit, booking_id: int) -> dict[str, Any] |
 
 @router.get("/p/{token:patient_token}/bookings/{booking_id}")
 async def show_booking(request: Request, token: str, booking_id: str) -> Response:
-    visit = await _visit(request, token)
+    visit = await _opened(request, token)
     if not isinstance(visit, _Visit):
         return visit
-    opened = await _session_open(visit)
-    if isinstance(opened, Response):
-        return opened
-    if not opened:
-        return _dob_form(visit)
     if not booking_id.isdigit() or len(booking_id) > 18:
         return _refusal(visit.state, "not-found", visit.language)
     try:
