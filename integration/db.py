@@ -13,11 +13,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-__all__ = ["Checkpointer", "create_db_engine", "ping", "upgrade", "write_lock"]
+__all__ = ["Checkpointer", "create_db_engine", "dialect_insert", "ping", "upgrade", "write_lock"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -220,3 +221,9 @@ def ping(engine: Engine) -> None:
     """Raise when the database cannot answer a trivial query."""
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def dialect_insert(conn: Connection, table: Any) -> Any:
+    """An INSERT with ``on_conflict_do_nothing``/``on_conflict_do_update``: PostgreSQL's and
+    SQLite's share that shape, so callers write one statement for both."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)

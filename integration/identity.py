@@ -40,8 +40,8 @@ from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Table, bindparam, false, insert, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from integration.db import dialect_insert
 from integration.logs import get_logger
 from integration.models import (
     audit_events,
@@ -130,9 +130,6 @@ class PatientRecord:
     replaces: list[Key] = field(default_factory=list)
 
 
-def _insert_for(conn: Connection, table: Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
 
 def claim_keys(
     conn: Connection, table: Table, target: str, rows: Sequence[dict[str, Any]], unique: list[str]
@@ -144,7 +141,7 @@ def claim_keys(
     """
     if not rows:
         return
-    stmt = _insert_for(conn, table)
+    stmt = dialect_insert(conn, table)
     if conn.dialect.name == "postgresql":
         stmt = stmt.on_conflict_do_update(
             index_elements=unique, set_={target: table.c[target]}, where=false()
@@ -327,7 +324,7 @@ class IdentityBook:
             .values(merged_into=survivor, merged_at=self._now)
         )
         self._merged[replaced] = survivor
-        stmt = _insert_for(self._conn, patient_merges).on_conflict_do_nothing(
+        stmt = dialect_insert(self._conn, patient_merges).on_conflict_do_nothing(
             index_elements=["replaced_id"]
         )
         self._conn.execute(

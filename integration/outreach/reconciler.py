@@ -32,9 +32,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from integration.db import write_lock
+from integration.db import dialect_insert, write_lock
 from integration.logs import get_logger
 from integration.models import timeline_entries, touches
 from integration.outreach.planner import Plan, Skip, Touch
@@ -101,9 +100,6 @@ def reconcile(
                  status=f"+{total.scheduled} ~{total.moved} -{total.cancelled}")
     return total
 
-
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _batch(  # noqa: PLR0917
@@ -365,7 +361,7 @@ class _Writer:
 
     def flush(self, conn: Connection, result: ReconcileResult) -> None:
         if self.inserts:
-            stmt = _insert(conn, touches).on_conflict_do_nothing(index_elements=["key"])
+            stmt = dialect_insert(conn, touches).on_conflict_do_nothing(index_elements=["key"])
             conn.execute(stmt, self.inserts)
         if self.updates:
             conn.execute(_UPDATE, self.updates)

@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.convertors import Convertor, register_url_convertor
 
 from integration import waitlist
-from integration.db import write_lock
+from integration.db import dialect_insert, write_lock
 from integration.logs import get_logger
 from integration.models import audit_events, bookings, channel_events, timeline_entries
 from integration.outreach.sender import _display, _location
@@ -67,7 +67,6 @@ from integration.portal.page import (
     _check,
     _fallback_language,
     _form_hash,
-    _insert,
     _Invalid,
     _read_form,
     _Refused,
@@ -478,7 +477,7 @@ def _record(  # noqa: PLR0917
     subject = f"p{patient_id}:{entry_id or '-'}:{action}:{form_hash}"
     with write_lock(engine), engine.begin() as conn:
         event_id = conn.execute(
-            _insert(conn, channel_events)
+            dialect_insert(conn, channel_events)
             .values(channel="portal", kind="portal", provider_id=subject[:255], address="",
                     touch_key=None, payload={"action": action, **values},
                     status="processed",

@@ -36,10 +36,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from markupsafe import Markup, escape
 from sqlalchemy import Connection, Engine, insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from integration.db import write_lock
+from integration.db import dialect_insert, write_lock
 from integration.logs import get_logger
 from integration.models import audit_events, channel_events
 from integration.outreach.pathways import CHANNELS
@@ -435,9 +434,6 @@ def validate(action: str, form: Mapping[str, list[str]], languages: tuple[str, .
     return {}
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
 
 def _form_hash(form: Mapping[str, list[str]]) -> str:
     canonical = urlencode(sorted((k, v) for k, values in form.items() for v in values))
@@ -457,7 +453,7 @@ def record(  # noqa: PLR0917
         result = f"{action} entry {page.entry_id}"
     with write_lock(engine), engine.begin() as conn:
         stmt = (
-            _insert(conn, channel_events)
+            dialect_insert(conn, channel_events)
             .values(
                 channel="portal", kind="portal",
                 provider_id=f"{subject}:{action}:{form_hash}",

@@ -31,9 +31,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from integration.db import write_lock
+from integration.db import dialect_insert, write_lock
 from integration.models import portal_access
 
 __all__ = [
@@ -181,9 +180,6 @@ def access(conn: Connection, token_hash: str) -> Access:
                   verified=row.verified_at is not None)
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
 
 def verify_birth_date(  # noqa: PLR0917
     engine: Engine,
@@ -205,7 +201,7 @@ def verify_birth_date(  # noqa: PLR0917
     p = portal_access
     with write_lock(engine), engine.begin() as conn:
         conn.execute(
-            _insert(conn, p)
+            dialect_insert(conn, p)
             .values(token_hash=token_hash, patient_id=patient_id, failures=0, updated_at=now)
             .on_conflict_do_nothing(index_elements=["token_hash"])
         )

@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from integration.db import dialect_insert
 from integration.logs import get_logger
 from integration.metrics import count_patient_request
 from integration.models import (
@@ -74,9 +74,6 @@ _NUDGE_LIMIT = 50
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
-
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _patients_of(conn: Connection, channel: str, address: str) -> list[str]:
@@ -122,7 +119,7 @@ def opt_out(conn: Connection, channel: str, address: str, *, event_id: int | Non
     if not wanted:
         return False
     inserted = conn.execute(
-        _insert(conn, address_optouts)
+        dialect_insert(conn, address_optouts)
         .values(channel=channel, address=wanted, at=now, event_id=event_id)
         .on_conflict_do_nothing(index_elements=["channel", "address"])
         .returning(address_optouts.c.channel)
@@ -185,7 +182,7 @@ def set_preferences(
         for k, v in values.items()
     ):
         return  # nothing changes: no write, no re-plan
-    stmt = _insert(conn, p).values(patient_id=patient_id, updated_at=now, **values)
+    stmt = dialect_insert(conn, p).values(patient_id=patient_id, updated_at=now, **values)
     conn.execute(stmt.on_conflict_do_update(
         index_elements=["patient_id"], set_={**values, "updated_at": now}))
     _nudge(conn, [patient_id], now)
@@ -258,7 +255,7 @@ def record_request(
         stored["entry_time"] = entry_time_key(_utc(entry.time))
     r = patient_requests
     request_id = conn.execute(
-        _insert(conn, r)
+        dialect_insert(conn, r)
         .values(entry_id=entry_id, patient_id=patient_id, action=action, source=source,
                 event_id=event_id, touch_key=touch_key, detail=stored or None, created_at=now)
         .on_conflict_do_nothing(index_elements=["event_id", "action"])

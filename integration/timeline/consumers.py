@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from integration.db import dialect_insert
 from integration.logs import get_logger
 from integration.models import outreach_cursors, timeline_changes
 
@@ -38,8 +38,7 @@ def next_changes(conn: Connection, name: str, *, limit: int, gap_grace_s: float,
                  wall: datetime) -> ChangeRun | None:
     """The next changes for consumer ``name``; ``None`` when another consumer holds it."""
     c = outreach_cursors
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(c)
-    conn.execute(insert.values(name=name, last_id=0, updated_at=wall)
+    conn.execute(dialect_insert(conn, c).values(name=name, last_id=0, updated_at=wall)
                  .on_conflict_do_nothing(index_elements=["name"]))
     query = select(c.c.last_id, c.c.held_since).where(c.c.name == name)
     if conn.dialect.name == "postgresql":

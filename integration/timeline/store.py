@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from integration.db import dialect_insert
 from integration.identity import (
     REF_SYSTEM_PREFIX,
     IdentityBook,
@@ -441,7 +441,7 @@ class _EntryWriter:
                 self._retire(e)
         sources = [{**s, "entry_id": self._final(s["entry_id"]).id} for s in self._sources]
         if sources:
-            stmt = _insert_for(conn, entry_sources).on_conflict_do_nothing(
+            stmt = dialect_insert(conn, entry_sources).on_conflict_do_nothing(
                 index_elements=["entry_id", "system", "ref"]
             )
             seen: set[tuple[str, str, str]] = set()
@@ -473,9 +473,6 @@ class _EntryWriter:
                      .values(entry_id=final.id))
         conn.execute(delete(timeline_entries).where(timeline_entries.c.id == e.id))
 
-
-def _insert_for(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _retime(entry: _Entry) -> None:

@@ -22,9 +22,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from integration.db import write_lock
+from integration.db import dialect_insert, write_lock
 from integration.logs import get_logger
 from integration.models import (
     entry_sources,
@@ -42,9 +41,6 @@ log = get_logger("careloop.waitlist")
 
 CURSOR = "waitlist"
 
-
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def slot_ref_of(resource: Mapping[str, Any]) -> str | None:
@@ -94,7 +90,7 @@ def slot_freed(
         raise ValueError(f"source must be hl7v2, fhir or rebooking, not {source!r}")
     f = freed_slots
     slot_id = conn.execute(
-        _insert(conn, f)
+        dialect_insert(conn, f)
         .values(key=key[:255], source=source, connection=connection, slot_ref=slot_ref,
                 service=service[:255], location=location[:255], start=start,
                 end=utc(end) if end is not None else None, status="open", freed_at=now,

@@ -45,10 +45,9 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Connection, Engine, and_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from adapters.channels import Channel, OutgoingMessage
-from integration.db import write_lock
+from integration.db import dialect_insert, write_lock
 from integration.delivery import link_signer
 from integration.logs import get_logger
 from integration.metrics import count_waitlist_offer
@@ -158,9 +157,6 @@ class _Message:
 def _now(now: datetime | None) -> datetime:
     return utc(now) if now is not None else datetime.now(UTC)
 
-
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _channel(recipient: Recipient, channels: Mapping[str, Channel]) -> tuple[str, str] | str:
@@ -330,7 +326,7 @@ def _offer_page(conn: Connection, r: _Round, slot: Any, start: datetime,  # noqa
             continue
         channel, address = chosen
         offer_id = conn.execute(
-            _insert(conn, o)
+            dialect_insert(conn, o)
             .values(slot_id=slot.id, waitlist_id=row.id, patient_id=row.patient_id,
                     channel=channel, status="offered", offered_at=now, expires_at=expires)
             .on_conflict_do_nothing(index_elements=["slot_id", "waitlist_id"])
