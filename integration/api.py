@@ -132,7 +132,12 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
         return _error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith("/console"):
+            from integration.console.render import ConsoleError, console_error  # noqa: PLC0415
+
+            title = {404: "Not found", 405: "Not allowed here"}.get(exc.status_code, "Error")
+            return console_error(request, ConsoleError(exc.status_code, title, str(exc.detail)))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
@@ -280,7 +285,8 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
         return Response(content, status_code=status, media_type=HL7_MEDIA_TYPE, headers=headers)
 
     # patients_api depends on require_scope above: imported here to avoid an import cycle.
-    from integration.console.pages import router as console_router  # noqa: PLC0415
+    from integration.console.render import ConsoleError, console_error  # noqa: PLC0415
+    from integration.console.routes import router as console_router  # noqa: PLC0415
     from integration.outcomes.api import router as outcomes_router  # noqa: PLC0415
     from integration.patients_api import router as patients_router  # noqa: PLC0415
 
@@ -292,6 +298,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     app.include_router(replies_router)
     app.include_router(outcomes_router)
     app.include_router(console_router)
+    app.add_exception_handler(ConsoleError, console_error)  # type: ignore[arg-type]
     return app
 
 

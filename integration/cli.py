@@ -929,9 +929,12 @@ def users() -> None:
 @click.argument("name")
 @click.option("--role", required=True, type=click.Choice(["admin", "operator", "viewer"]),
               help="viewer sees counts and statuses; operator also replays; admin all.")
+@click.option("--phi", is_flag=True,
+              help="May see patient data (raw messages, resources, timelines); every such "
+                   "view is recorded in the audit log.")
 @click.option("--password-stdin", is_flag=True,
               help="Read the password from stdin (first line) instead of generating one.")
-def users_create(name: str, role: str, password_stdin: bool) -> None:
+def users_create(name: str, role: str, phi: bool, password_stdin: bool) -> None:
     """Add a console user; prints a generated password once (unless --password-stdin)."""
     from integration.console.users import UserExists, create_user
 
@@ -941,17 +944,18 @@ def users_create(name: str, role: str, password_stdin: bool) -> None:
     settings = _settings()
     engine = _engine(settings)
     try:
-        password = create_user(engine, name, role, password)
+        password = create_user(engine, name, role, password, phi=phi)
     except UserExists as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_SETTINGS)
     finally:
         engine.dispose()
+    label = f"{role}, with PHI access" if phi else role
     if password_stdin:
-        click.echo(f"user {name} created ({role})")
+        click.echo(f"user {name} created ({label})")
     else:
-        click.echo(f"user:     {name} ({role})\npassword: {password}\n"
+        click.echo(f"user:     {name} ({label})\npassword: {password}\n"
                    "Keep the password now: it is stored hashed and cannot be shown again.")
 
 

@@ -597,8 +597,13 @@ console_users = Table(
     Column("locked_until", DateTime(timezone=True), nullable=True),
     Column("last_login_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("phi", Boolean, nullable=False, default=False,
+           doc="may see patient data: raw messages, resources, timelines (each view audited)"),
+    Column("oidc_subject", String(512), nullable=True, unique=True,
+           doc="issuer|sub of a person who signs in through OpenID Connect"),
 )
-"""People who sign in to the console (not API clients): ``careloop users create``."""
+"""People who sign in to the console (not API clients): ``careloop users create``, or made on
+their first OpenID Connect sign-in."""
 
 console_sessions = Table(
     "console_sessions",
@@ -612,3 +617,29 @@ console_sessions = Table(
     Index("ix_console_sessions_user_id", "user_id"),
 )
 """Console sessions: idle timeout from ``last_seen_at``, absolute limit ``expires_at``."""
+
+sender_settings = Table(
+    "sender_settings",
+    metadata,
+    Column("application", String(227), primary_key=True, doc="MSH-3 namespace id"),
+    Column("facility", String(227), primary_key=True, doc="MSH-4 namespace id ('' for any)"),
+    Column("timezone", String(64), nullable=True),
+    Column("identifier_systems", JSON, nullable=True),
+    Column("ack_to", String(255), nullable=True),
+    Column("updated_by", String(255), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""HL7 senders registered or changed in the console; a row overrides the ``[[hl7_senders]]``
+rule with the same application and facility."""
+
+replay_jobs = Table(
+    "replay_jobs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("actor", String(255), nullable=False),
+    Column("filters", JSON, nullable=False, doc="the message filter the replay was asked for"),
+    Column("inbox_ids", JSON, nullable=False, doc="the rows put back to received"),
+    Column("total", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""A replay of several messages from the console; its progress is read from their statuses."""

@@ -21,15 +21,15 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlalchemy import Engine, delete, insert, select, update
 
-from integration.api import ApiError
+from integration.console.render import ConsoleError
 from integration.console.users import Person, audit, role_allows
 from integration.db import write_lock
-from integration.models import console_sessions, console_users
+from integration.models import audit_events, console_sessions, console_users
 from integration.runtime import Runtime
 
 __all__ = [
@@ -38,11 +38,17 @@ __all__ = [
     "LOGIN_PATH",
     "MAX_AGE",
     "PRE_COOKIE",
+    "Admin",
+    "Operator",
     "Session",
+    "Viewer",
     "end_session",
     "load_session",
     "now_for",
+    "record_view",
     "require_person",
+    "require_phi",
+    "runtime_of",
     "secure_cookies",
     "start_session",
 ]
@@ -94,7 +100,7 @@ def load_session(engine: Engine, token: str | None, *, now: datetime) -> Session
     with write_lock(engine), engine.begin() as conn:
         row = conn.execute(
             select(s.c.csrf, s.c.last_seen_at, s.c.expires_at, u.c.id, u.c.username, u.c.role,
-                   u.c.disabled)
+                   u.c.disabled, u.c.phi)
             .select_from(s.join(u, u.c.id == s.c.user_id, isouter=True))
             .where(s.c.id == sid)
         ).first()
@@ -106,7 +112,25 @@ def load_session(engine: Engine, token: str | None, *, now: datetime) -> Session
             conn.execute(delete(s).where(s.c.id == sid))
             return None
         conn.execute(update(s).where(s.c.id == sid).values(last_seen_at=now))
-    return Session(sid, Person(int(row.id), row.username, row.role), row.csrf, expires_at)
+    return Session(sid, Person(int(row.id), row.username, row.role, bool(row.phi)), row.csrf,
+                   expires_at)
+
+
+def require_phi(session: Session) -> None:
+    """403 unless the person may see patient data."""
+    if not session.person.phi:
+        raise ConsoleError(403, "Patient data hidden",
+                           "Seeing patient data needs PHI access; ask an administrator.")
+
+
+def record_view(engine: Engine, session: Session, target_type: str, target_id: str, *,
+                now: datetime, detail: dict[str, object] | None = None) -> None:
+    """Write the audit row for a view of patient data (who, what, when): call it before the
+    page that shows the data is answered."""
+    with write_lock(engine), engine.begin() as conn:
+        conn.execute(insert(audit_events).values(
+            at=now, actor=session.person.username[:255], action="console.phi_view",
+            target_type=target_type, target_id=str(target_id)[:255], detail=detail))
 
 
 def end_session(engine: Engine, session: Session, *, now: datetime) -> None:
@@ -155,8 +179,9 @@ async def posted_csrf(request: Request) -> str | None:
 def require_person(role: str) -> Callable[[Request], Awaitable[Session]]:
     """A dependency: the signed-in person's session, with at least ``role``.
 
-    No live session: 303 to the sign-in page. A POST (any unsafe method) without the session's
-    CSRF token: 403. A role below ``role``: 403.
+    No live session: 303 to the sign-in page (a POST: 403). A POST (any unsafe method) without
+    the session's CSRF token: 403. A role below ``role``: 403. Each refusal is an HTML page
+    (:class:`integration.console.render.ConsoleError`).
     """
 
     async def dependency(request: Request) -> Session:
@@ -165,14 +190,32 @@ def require_person(role: str) -> Callable[[Request], Awaitable[Session]]:
             load_session, runtime.engine, request.cookies.get(COOKIE), now=now_for(request))
         if session is None:
             if request.method in SAFE_METHODS:
-                raise ApiError(303, "sign_in", "sign in first", {"Location": LOGIN_PATH})
-            raise ApiError(403, "forbidden", "sign in first")
+                raise ConsoleError(303, "Sign in first")
+            raise ConsoleError(403, "Not signed in",
+                               "Your session has ended. Sign in again and repeat the action.")
+        request.state.console_session = session
         if request.method not in SAFE_METHODS and not csrf_matches(
                 session.csrf, await posted_csrf(request)):
-            raise ApiError(403, "csrf", "the form's CSRF token is missing or wrong")
+            raise ConsoleError(403, "Refused",
+                               "The form's security token is missing or wrong. Nothing was "
+                               "changed. Reload the page and try again.")
         if not role_allows(session.person.role, role):
-            raise ApiError(403, "forbidden", f"this needs the {role} role")
-        request.state.console_session = session
+            raise ConsoleError(403, "Not allowed",
+                               f"This needs the {role} role; you are {session.person.role}.")
         return session
 
     return dependency
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The app's runtime (engine, settings)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+Viewer = Annotated[Session, Depends(require_person("viewer"))]
+"""A page's signed-in person, any role."""
+Operator = Annotated[Session, Depends(require_person("operator"))]
+"""An action that changes work (replay, retry): operator or admin."""
+Admin = Annotated[Session, Depends(require_person("admin"))]
+"""An action that changes settings or people: admin only."""

@@ -9,18 +9,13 @@ and never a patient's data.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-from markupsafe import Markup
 from sqlalchemy import Engine, func, select
 
 from integration.console.auth import (
@@ -28,77 +23,29 @@ from integration.console.auth import (
     LOGIN_PATH,
     PATH,
     PRE_COOKIE,
-    Session,
+    Viewer,
     clear_session_cookie,
     csrf_matches,
     end_session,
     load_session,
     now_for,
-    require_person,
+    runtime_of,
     secure_cookies,
     set_session_cookie,
     start_session,
 )
+from integration.console.render import HEADERS, render
 from integration.console.users import LOCK_FOR, MAX_FAILURES, authenticate
 from integration.models import InboxStatus, ehr_outbox, inbox, touches
 from integration.pipeline import queue_depth
-from integration.runtime import Runtime
 
 __all__ = ["Overview", "overview", "router"]
 
-CSS = """
-:root{color-scheme:light;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
-body{margin:0;color:#1a1a1a;background:#fff;line-height:1.45}
-header,main{max-width:72rem;margin:0 auto;padding:0 1rem}
-header{display:flex;flex-wrap:wrap;justify-content:space-between;align-items:center;
- border-bottom:1px solid #d0d0d0}
-h1{font-size:1.6rem;margin:.6rem 0}h2{font-size:1.2rem;margin:1.4rem 0 .4rem}
-label{display:block;font-weight:600;margin:.6rem 0 .2rem}
-input,button{font:inherit;padding:.35rem .5rem;min-height:2.2rem;max-width:100%}
-button{background:#0b4f8a;color:#fff;border:1px solid #0b4f8a;border-radius:4px;cursor:pointer}
-a{color:#0b4f8a}a:focus,button:focus,input:focus{outline:3px solid #f2a900;outline-offset:2px}
-.error{color:#b50909;font-weight:600}.note{color:#444;font-size:.9rem}
-.figures{display:flex;flex-wrap:wrap;gap:.75rem;padding:0;list-style:none}
-.figures li{border:1px solid #d0d0d0;border-radius:6px;padding:.5rem .8rem;min-width:9rem}
-.figures strong{display:block;font-size:1.4rem}
-.grid{display:flex;flex-wrap:wrap;gap:0 2rem}
-table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.95rem}
-th,td{border:1px solid #d0d0d0;padding:.3rem .6rem;text-align:right}
-th[scope=row],th.text{text-align:left}
-caption{text-align:left;font-weight:600;padding:.3rem 0}
-"""
-CSS_HASH = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
-HEADERS = {
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": (f"default-src 'none'; style-src 'sha256-{CSS_HASH}'; "
-                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
-}
 WINDOW = timedelta(hours=24)
 REFUSED = (f"Wrong username or password. After {MAX_FAILURES} wrong tries in a row an account "
            f"is locked for {int(LOCK_FOR.total_seconds() // 60)} minutes.")
 
-_env = Environment(
-    loader=FileSystemLoader(Path(__file__).with_name("templates")),
-    autoescape=select_autoescape(["html"]),
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-
 router = APIRouter(include_in_schema=False, tags=["console"])
-Viewer = Annotated[Session, Depends(require_person("viewer"))]
-
-
-def _render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
-    html = _env.get_template(name).render(css=Markup(CSS), **context)  # noqa: S704 - a constant
-    return HTMLResponse(html, status_code=status, headers=HEADERS)
-
-
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
 
 
 # ------------------------------------------------------------------------------- sign-in
@@ -109,7 +56,7 @@ def _login_page(request: Request, *, status: int = 200, error: str = "",
     pre = request.cookies.get(PRE_COOKIE) or ""
     if not 32 <= len(pre) <= 64:
         pre = secrets.token_urlsafe(32)
-    response = _render("login.html", status, csrf=pre, error=error, username=username)
+    response = render("login.html", status, csrf=pre, error=error, username=username)
     response.set_cookie(PRE_COOKIE, pre, path=LOGIN_PATH, secure=secure_cookies(request),
                         httponly=True, samesite="strict")
     return response
@@ -117,7 +64,7 @@ def _login_page(request: Request, *, status: int = 200, error: str = "",
 
 @router.get("/console/login")
 async def login_form(request: Request) -> Response:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     session = await asyncio.to_thread(load_session, runtime.engine, request.cookies.get(COOKIE),
                                       now=now_for(request))
     if session is not None:
@@ -137,7 +84,7 @@ async def login(request: Request) -> Response:
     password = form.get("password")
     username = username.strip()[:64] if isinstance(username, str) else ""
     password = password[:1024] if isinstance(password, str) else ""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     now = now_for(request)
     result = await asyncio.to_thread(authenticate, runtime.engine, username, password, now=now)
     if not result.ok or result.person is None:
@@ -152,7 +99,7 @@ async def login(request: Request) -> Response:
 
 @router.post("/console/logout")
 async def logout(request: Request, session: Viewer) -> Response:
-    await asyncio.to_thread(end_session, _runtime(request).engine, session,
+    await asyncio.to_thread(end_session, runtime_of(request).engine, session,
                             now=now_for(request))
     response = RedirectResponse(LOGIN_PATH, status_code=303, headers=HEADERS)
     clear_session_cookie(request, response)
@@ -203,20 +150,8 @@ def overview(engine: Engine, now: datetime) -> Overview:
     )
 
 
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
-
-
-_env.filters["age"] = _age
-
-
 @router.get("/console")
 async def console_overview(request: Request, session: Viewer) -> Response:
     now = now_for(request)
-    figures = await asyncio.to_thread(overview, _runtime(request).engine, now)
-    return _render("overview.html", session=session, csrf=session.csrf, o=figures)
+    figures = await asyncio.to_thread(overview, runtime_of(request).engine, now)
+    return render("overview.html", session=session, active="overview", o=figures)

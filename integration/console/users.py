@@ -1,7 +1,10 @@
 """Console users: local accounts with argon2id-hashed passwords, roles, and a lockout.
 
 A user has one role, ``viewer`` < ``operator`` < ``admin``: each sees what the one before it
-sees. After :data:`MAX_FAILURES` wrong passwords in a row the account is locked for
+sees. Independently of the role, ``phi`` grants the sight of patient data (raw messages, mapped
+resources, timelines); without it a person sees counts, statuses and ids only.
+
+After :data:`MAX_FAILURES` wrong passwords in a row the account is locked for
 :data:`LOCK_FOR` (even the right password is refused meanwhile); a right password resets the
 count. An unknown user, a wrong password, a disabled or a locked account all get the same
 answer, and all cost one argon2 verification, so neither the answer nor its time tells them
@@ -61,6 +64,8 @@ class Person:
     id: int
     username: str
     role: str
+    phi: bool = False
+    """May see patient data (raw messages, resources, timelines); every such view is audited."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ def audit(conn: Connection, actor: str, action: str, now: datetime,
 
 
 def create_user(engine: Engine, username: str, role: str, password: str | None = None, *,
-                now: datetime | None = None) -> str:
+                phi: bool = False, now: datetime | None = None) -> str:
     """Add a user; returns the password (a generated one when ``password`` is None)."""
     if not USERNAME.match(username):
         raise ValueError("a username is 1-64 letters, digits, '.', '_', '@' or '-'")
@@ -102,20 +107,22 @@ def create_user(engine: Engine, username: str, role: str, password: str | None =
             raise UserExists(f"a user {username} already exists")
         conn.execute(insert(console_users).values(
             username=username, password_hash=hashed, role=role, disabled=False,
-            failed_logins=0, created_at=now))
-        audit(conn, "cli", "console.user_created", now, {"username": username, "role": role})
+            failed_logins=0, created_at=now, phi=phi))
+        audit(conn, "cli", "console.user_created", now,
+              {"username": username, "role": role, "phi": phi})
     return password
 
 
 def first_admin(engine: Engine, *, now: datetime | None = None) -> str | None:
-    """On a first start with no console user at all: create ``admin`` (role admin) and return
+    """On a first start with no console user at all: create ``admin`` (role admin, with PHI
+    access: someone must be able to look at a failed message) and return
     its generated password, to be shown once; None when any user exists (or another replica
     made it first)."""
     with engine.connect() as conn:
         if conn.execute(select(console_users.c.id).limit(1)).first() is not None:
             return None
     try:
-        return create_user(engine, "admin", "admin", now=now)
+        return create_user(engine, "admin", "admin", phi=True, now=now)
     except (UserExists, IntegrityError):
         return None
 
@@ -173,7 +180,7 @@ def authenticate(engine: Engine, username: str, password: str, *,
                 values["password_hash"] = _hasher.hash(password)
             conn.execute(update(u).where(u.c.id == row.id).values(**values))
             audit(conn, username, "console.login", now)
-            return Login(True, Person(int(row.id), row.username, row.role))
+            return Login(True, Person(int(row.id), row.username, row.role, bool(row.phi)))
         if locked:
             reason = "locked"
         elif row.disabled:

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, func, insert, select
 
 from integration.api import create_app
 from integration.console.auth import COOKIE, IDLE_TIMEOUT, Session, require_person
-from integration.console.pages import router as console_router
+from integration.console.routes import router as console_router
 from integration.console.users import create_user
 from integration.db import write_lock
 from integration.models import audit_events, console_sessions, ehr_outbox, inbox, touches
@@ -187,7 +187,19 @@ def test_viewer_cannot_use_an_operator_route(client: TestClient, runtime: Runtim
     create_user(runtime.engine, "vera", "viewer", PASSWORD)
     csrf = login(client)
     r = client.post("/console/test-operator", data={"csrf": csrf})
-    assert r.status_code == 403 and r.json()["code"] == "forbidden"
+    assert r.status_code == 403 and r.headers["content-type"].startswith("text/html")
+    assert "needs the operator role" in r.text
+
+
+def test_refusals_and_unknown_pages_are_html(client: TestClient, runtime: Runtime) -> None:
+    create_user(runtime.engine, "olga", "operator", PASSWORD)
+    login(client, "olga")
+    r = client.post("/console/test-operator", data={"csrf": "forged" * 8})
+    assert r.status_code == 403 and "security token is missing or wrong" in r.text
+    assert r.headers["content-type"].startswith("text/html")
+    r = client.get("/console/no-such-page")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    assert "Content-Security-Policy" in r.headers
 
 
 def test_idle_timeout_renewed_by_activity(client: TestClient, runtime: Runtime,
