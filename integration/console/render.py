@@ -66,6 +66,9 @@ form.filters label{margin:.3rem 0 .1rem}form.inline{display:inline}
 .chart text{font-size:10px;fill:#444}
 figure{margin:.5rem 0 1rem}figcaption{font-weight:600;font-size:.95rem}
 progress{width:100%;max-width:30rem;height:1.2rem}
+details summary{cursor:pointer;font-size:.9rem;color:#0b4f8a}
+td code{word-break:break-all;font-size:.85rem}ul.sources{margin:0;padding-left:1rem}
+.id{word-break:break-all}
 """
 CSS_HASH = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
 HEADERS = {

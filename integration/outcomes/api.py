@@ -2,9 +2,12 @@
 console's ``GET /console/outcomes`` (HTML with inline SVG bar charts: no JavaScript, no outside
 asset) and ``GET /console/outcomes.csv`` (``?table=steps|appointments|waitlist|bookings``).
 
-The console routes need an ``admin`` client until the console has its own sign-in: a Bearer
-token, or the client id and secret as HTTP Basic credentials, which a browser asks for because
-their 401 carries ``WWW-Authenticate: Basic realm="careloop console"``.
+The console routes are for anyone signed in to the console (any role: the figures name no
+patient), and the page is drawn inside the console's layout and navigation. Scripts may use an
+``admin`` API client instead: a Bearer token, or the client id and secret as HTTP Basic
+credentials. Without either, a browser (``Accept: text/html``) is sent to the console's
+sign-in page, and any other client gets 401 with ``WWW-Authenticate: Basic realm="careloop
+console"``.
 
 The period is ``since`` and ``until`` (``YYYY-MM-DD`` or ISO 8601 date-times; a date is
 midnight in the configured time zone and ``until`` a date includes that whole day); the
@@ -30,44 +33,35 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 from sqlalchemy import Engine
 
 from integration.api import ApiError, require_scope
 from integration.clients import Client
+from integration.console.auth import COOKIE, Session, load_session, now_for
+from integration.console.render import CSS as CONSOLE_CSS
+from integration.console.render import ConsoleError
+from integration.console.users import role_allows
 from integration.logs import get_logger
 from integration.outcomes.report import CSV_TABLES, OutcomeReport, Rate, outcome_report
 from integration.outreach.pathways import Pathway
 from integration.runtime import Runtime
 
-__all__ = ["CONSOLE_CHALLENGE", "DEFAULT_DAYS", "console_admin", "parse_period", "router"]
+__all__ = ["CONSOLE_CHALLENGE", "DEFAULT_DAYS", "console_admin", "console_reader",
+           "parse_period", "router"]
 
 log = get_logger("careloop.outcomes")
 
 DEFAULT_DAYS = 30
 CONSOLE_CHALLENGE = {"WWW-Authenticate": 'Basic realm="careloop console"'}
 TEMPLATES = Path(__file__).with_name("templates")
+CONSOLE_TEMPLATES = Path(__file__).parents[1] / "console" / "templates"
 
-CSS = """
-:root{color-scheme:light;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
-body{margin:0;color:#1a1a1a;background:#fff;line-height:1.45}
-header,main,footer{max-width:72rem;margin:0 auto;padding:0 1rem}
-header{border-bottom:1px solid #d0d0d0;padding-top:.5rem}
-h1{font-size:1.6rem;margin:.6rem 0}h2{font-size:1.25rem;margin:1.6rem 0 .5rem}
-h3{font-size:1.05rem;margin:1rem 0 .25rem}figure{margin:0 0 1rem}
+OUTCOMES_CSS = """
+h3{font-size:1.05rem;margin:1rem 0 .25rem}
 form.period{display:flex;flex-wrap:wrap;gap:.75rem;align-items:flex-end;margin:.5rem 0 1rem}
-form.period label{display:flex;flex-direction:column;font-weight:600;font-size:.9rem}
-input,button{font:inherit;padding:.35rem .5rem;min-height:2.2rem}
-button{background:#0b4f8a;color:#fff;border:1px solid #0b4f8a;border-radius:4px;cursor:pointer}
-a{color:#0b4f8a}a:focus,button:focus,input:focus{outline:3px solid #f2a900;outline-offset:2px}
-.figures{display:flex;flex-wrap:wrap;gap:.75rem;padding:0;list-style:none}
-.figures li{border:1px solid #d0d0d0;border-radius:6px;padding:.5rem .8rem;min-width:9rem}
-.figures strong{display:block;font-size:1.4rem}
-.scroll{overflow-x:auto}
-table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
-th,td{border:1px solid #d0d0d0;padding:.3rem .5rem;text-align:right;vertical-align:top}
-th[scope=row],td.text,th.text{text-align:left}
-caption{text-align:left;font-weight:600;padding:.3rem 0}
+form.period label{display:flex;flex-direction:column;font-weight:600;font-size:.9rem;margin:0}
 svg{max-width:100%;height:auto}
 svg text{font-size:12px;fill:#1a1a1a}
 .legend{display:flex;flex-wrap:wrap;gap:1rem;padding:0;margin:.25rem 0;list-style:none}
@@ -76,9 +70,10 @@ svg text{font-size:12px;fill:#1a1a1a}
 .s0{fill:#0b4f8a;background:#0b4f8a}.s1{fill:#2e8540;background:#2e8540}
 .s2{fill:#b50909;background:#b50909}.s3{fill:#8a6d00;background:#8a6d00}
 .s4{fill:#5b2c83;background:#5b2c83}.s5{fill:#00707a;background:#00707a}
-.note{color:#444;font-size:.9rem}
 dl.defs dt{font-weight:600;margin-top:.5rem}dl.defs dd{margin-left:1rem}
 """
+CSS = CONSOLE_CSS + OUTCOMES_CSS
+"""The page's one style sheet: the console's, and the charts' legend colours."""
 CSS_HASH = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
 CSP = (f"default-src 'none'; style-src 'sha256-{CSS_HASH}'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
@@ -105,8 +100,26 @@ async def console_admin(request: Request) -> Client:
         raise
 
 
+async def console_reader(request: Request) -> Session | Client:
+    """A signed-in console person (any role), else an ``admin`` API client
+    (:func:`console_admin`); with neither, a browser is sent to sign in (303)."""
+    runtime: Runtime = request.app.state.runtime
+    token = request.cookies.get(COOKIE)
+    if token:
+        session = await asyncio.to_thread(load_session, runtime.engine, token,
+                                          now=now_for(request))
+        if session is not None and role_allows(session.person.role, "viewer"):
+            request.state.console_session = session
+            return session
+    if not request.headers.get("authorization") and "text/html" in request.headers.get(
+            "accept", ""):
+        raise ConsoleError(303, "Sign in first")
+    return await console_admin(request)
+
+
 OutreachReader = Annotated[Client, Depends(require_scope("outreach.read"))]
 ConsoleAdmin = Annotated[Client, Depends(console_admin)]
+ConsoleReader = Annotated[Session | Client, Depends(console_reader)]
 
 
 # ------------------------------------------------------------------------------- the period
@@ -200,7 +213,7 @@ def _csv_cell(value: Any) -> Any:
 
 @router.get("/console/outcomes.csv", include_in_schema=False)
 async def console_outcomes_csv(
-    request: Request, _client: ConsoleAdmin, since: str | None = None,
+    request: Request, _reader: ConsoleReader, since: str | None = None,
     until: str | None = None, table: str = "steps",
 ) -> Response:
     if table not in CSV_TABLES:
@@ -219,11 +232,11 @@ async def console_outcomes_csv(
 
 @router.get("/console/outcomes", include_in_schema=False)
 async def console_outcomes(
-    request: Request, _client: ConsoleAdmin, since: str | None = None,
+    request: Request, reader: ConsoleReader, since: str | None = None,
     until: str | None = None,
 ) -> Response:
     report, zone = await _report(request, since, until)
-    html = _page(report, zone)
+    html = _page(report, zone, reader if isinstance(reader, Session) else None)
     return HTMLResponse(html, headers=CONSOLE_HEADERS)
 
 
@@ -350,7 +363,9 @@ _ENV: Environment | None = None
 def _env() -> Environment:
     global _ENV  # noqa: PLW0603 - built once, on first use
     if _ENV is None:
-        env = Environment(loader=FileSystemLoader(TEMPLATES),
+        # The page extends the console's base.html (header, navigation, sign-out form).
+        env = Environment(loader=ChoiceLoader([FileSystemLoader(TEMPLATES),
+                                               FileSystemLoader(CONSOLE_TEMPLATES)]),
                           autoescape=select_autoescape(("html",), default=True),
                           trim_blocks=True, lstrip_blocks=True)
         env.globals["pct"] = pct
@@ -358,7 +373,8 @@ def _env() -> Environment:
     return _ENV
 
 
-def _page(report: OutcomeReport, zone: tzinfo) -> str:
+def _page(report: OutcomeReport, zone: tzinfo, session: Session | None = None) -> str:
+    """The HTML page; with a console ``session``, inside the console's navigation."""
     first = report.since.astimezone(zone)
     last = (report.until - timedelta(microseconds=1)).astimezone(zone)
     query = {"since": first.date().isoformat(), "until": last.date().isoformat()}
@@ -367,7 +383,10 @@ def _page(report: OutcomeReport, zone: tzinfo) -> str:
         report=report,
         totals=report.totals,
         charts=_charts(report),
-        css=CSS,
+        css=Markup(CSS),  # noqa: S704 - a constant
+        session=session,
+        csrf=session.csrf if session is not None else "",
+        active="outcomes",
         since_day=query["since"],
         until_day=query["until"],
         since_text=first.strftime("%Y-%m-%d %H:%M"),

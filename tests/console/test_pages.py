@@ -319,7 +319,9 @@ def test_viewer_sees_the_overview_figures(client: TestClient, runtime: Runtime) 
     assert _table(html, "inbox-type") == {"ADT^A01": ["2"], "SIU^S12": ["2"], "(none)": ["1"],
                                           "ADT^A08": ["1"], "ORU^R01": ["1"]}
     assert _table(html, "ack-codes") == {"AA": ["5"], "AE": ["1"], "AR": ["1"]}
-    assert _table(html, "queues") == {"intake": ["2", "5 min 0 s"]}
+    assert _table(html, "queues") == {
+        "intake": ["2", "5 min 0 s"], "fhir": ["0", "-"], "outreach": ["0", "-"],
+        "writeback": ["0", "-"], "replies": ["0", "-"]}
     assert _table(html, "touches-status") == {"sent": ["2"], "skipped": ["1"]}
     assert _table(html, "outbox-status") == {"written": ["2"], "failed": ["1"]}
     assert re.search(r'id="fig-errors"><strong>1</strong>', html)
