@@ -8,12 +8,14 @@ A bad value stops the start with one line naming the setting (:func:`describe_er
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,6 +30,7 @@ from integration.outreach.pathways import Organization, OutreachSettings, Pathwa
 __all__ = [
     "Channels",
     "Connection",
+    "ConsoleOidc",
     "EmailChannel",
     "HL7Sender",
     "PatientPage",
@@ -266,6 +269,74 @@ class PatientPage(BaseModel):
         return parse_offset(v) if isinstance(v, str) else v
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleOidc(BaseModel):
+    """``[console_oidc]``: people sign in to the console through the hospital's OpenID Connect
+    provider (authorization code flow with PKCE); see :mod:`integration.console.oidc`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuer: str
+    """The provider's issuer URL (https; plain http only for a loopback address, for tests);
+    its metadata is read from ``{issuer}/.well-known/openid-configuration``."""
+    client_id: str
+    client_secret: str = ""
+    """``env:VAR`` reads it from the environment. Empty: a public client (PKCE only)."""
+    name: str = Field(default="your organisation's sign-in", min_length=1, max_length=80)
+    """Shown on the sign-in page: "Sign in with {name}"."""
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    roles_claim: str = "groups"
+    """The ID token claim listing the person's groups or roles (a dotted path reaches into
+    nested objects, e.g. ``realm_access.roles``)."""
+    role_map: dict[str, Literal["admin", "operator", "viewer"]]
+    """Claim value → console role; the highest matching role wins, no match is refused."""
+    phi_values: tuple[str, ...] = ()
+    """Claim values that grant the sight of patient data."""
+    username_claim: str = "preferred_username"
+    """The claim that names a new user (then ``email``, then ``sub``)."""
+
+    _secrets = field_validator("client_secret")(_secret_value)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        url = urlsplit(v)
+        if not url.hostname or url.query or url.fragment or url.username:
+            raise ValueError("must be the provider's issuer URL (no query or fragment)")
+        if url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname)):
+            return v
+        raise ValueError("must be an https URL (plain http only for a loopback address)")
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be the client id registered with the provider")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in v:
+            raise ValueError("must include openid")
+        return v
+
+    @field_validator("role_map")
+    @classmethod
+    def _role_map(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("must map at least one claim value to admin, operator or viewer")
+        return v
+
+
 class Channels(BaseModel):
     """``[channels.*]``: which class sends each channel (see INTERFACE.md)."""
 
@@ -373,6 +444,10 @@ class Settings(BaseSettings):
     timezone: str = "UTC"
     default_language: str = "en"
     hl7_senders: tuple[HL7Sender, ...] = ()
+    hl7_unregistered_senders: Literal["accept", "hold"] = "accept"
+    """A message from a sender no rule names (``[[hl7_senders]]`` or the console's Senders):
+    ``accept`` processes it with the defaults; ``hold`` stores and acknowledges it, then fails
+    it in processing ("not registered"), to be replayed once the sender is registered."""
     connections: tuple[Connection, ...] = ()
     subscription_renew_s: int = Field(default=3600, ge=0)
     """How often serve and the Celery timer re-run ``subscriptions ensure`` (renew before
@@ -386,6 +461,8 @@ class Settings(BaseSettings):
     patient_page: PatientPage = PatientPage()
     retention: Retention = Retention()
     """``[retention]``: how long stored messages, resources, touches and audit events are kept."""
+    console_oidc: ConsoleOidc | None = None
+    """``[console_oidc]``: console sign-in through the hospital's OpenID Connect provider."""
     write_back_connection: str | None = None
     """The connection that receives write-backs for entries that came from HL7v2 feeds
     (default: the first ``[[connections]]`` entry with ``write_back``). Entries that came from
