@@ -41,6 +41,7 @@ from sqlalchemy import Connection as DbConnection
 from sqlalchemy import Engine, or_, select, update
 
 from adapters.fhir import FHIRApi, FHIRClient, FHIRRequest, bundle_resources
+from integration import fhir_tokens
 from integration.db import write_lock
 from integration.fhir_state import (
     SubscriptionRow,
@@ -107,12 +108,14 @@ class _LostRace(Exception):
 
 
 def default_client(connection: Connection) -> FHIRApi:
-    """A :class:`FHIRClient` with SMART Backend Services for ``connection``."""
+    """A :class:`FHIRClient` with SMART Backend Services for ``connection``; each token's
+    expiry is recorded (:mod:`integration.fhir_tokens`)."""
     if connection.private_key is None:
         raise ValueError(f"connection {connection.name!r} has no private_key: run "
                          "`careloop keys generate` and set it")
     return FHIRClient.connect(fhir_base=connection.fhir_base, client_id=connection.client_id,
-                              private_key=connection.private_key, scopes=connection.scopes)
+                              private_key=connection.private_key, scopes=connection.scopes,
+                              on_token=fhir_tokens.observer(connection.name))
 
 
 def fhir_source(connection: str, resource: JSON, *, fallback: datetime,

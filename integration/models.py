@@ -643,3 +643,15 @@ replay_jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 """A replay of several messages from the console; its progress is read from their statuses."""
+
+fhir_tokens = Table(
+    "fhir_tokens",
+    metadata,
+    Column("connection", String(64), primary_key=True),
+    Column("obtained_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("scope", Text, nullable=False, default=""),
+    Column("holder", String(255), nullable=False, doc="host:pid of the process that holds it"),
+)
+"""The latest SMART access token each connection obtained (its expiry, never its value), from
+whichever process asked, for the console's connections page."""

@@ -33,7 +33,7 @@ TABLES = (
     "fhir_secrets", "fhir_subscriptions",
     "channel_events", "address_optouts", "patient_requests", "ehr_outbox",
     "bookings", "waitlist_entries", "freed_slots", "waitlist_offers", "portal_access",
-    "console_users", "console_sessions", "sender_settings", "replay_jobs",
+    "console_users", "console_sessions", "sender_settings", "replay_jobs", "fhir_tokens",
 )
 
 

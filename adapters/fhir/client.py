@@ -43,7 +43,7 @@ from adapters.fhir.errors import (
     error_from_response,
 )
 from adapters.fhir.keys import SigningKey, load_signing_key, read_signing_key
-from adapters.fhir.smart import SmartBackendAuth
+from adapters.fhir.smart import AccessToken, SmartBackendAuth
 
 __all__ = [
     "FHIR_JSON",
@@ -285,10 +285,12 @@ class FHIRClient:
         scopes: Sequence[str],
         kid: str | None = None,
         token_url: str | None = None,
+        on_token: Callable[[AccessToken], None] | None = None,
         **kwargs: Any,
     ) -> FHIRClient:
         """A client for one EHR connection (INTERFACE.md ``[[connections]]``): SMART Backend
-        Services with the key at ``private_key`` (a PEM path, PEM bytes or a loaded key)."""
+        Services with the key at ``private_key`` (a PEM path, PEM bytes or a loaded key);
+        ``on_token`` is told of each access token it obtains."""
         if isinstance(private_key, SigningKey):
             key = private_key
         elif isinstance(private_key, bytes):
@@ -296,7 +298,7 @@ class FHIRClient:
         else:
             key = read_signing_key(private_key, kid=kid)
         auth = SmartBackendAuth(fhir_base=fhir_base, client_id=client_id, key=key,
-                                scopes=scopes, token_url=token_url)
+                                scopes=scopes, token_url=token_url, on_token=on_token)
         return cls(fhir_base, auth=auth, **kwargs)
 
     @property

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -47,6 +48,8 @@ from adapters.fhir.errors import (
     parse_retry_after,
 )
 from adapters.fhir.keys import SigningKey
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ASSERTION_TYPE",
@@ -123,7 +126,10 @@ class SmartBackendAuth(httpx.Auth):
         new_jti: Callable[[], str] = lambda: str(uuid.uuid4()),
         assertion_lifetime_s: int = DEFAULT_ASSERTION_LIFETIME_S,
         max_refresh_margin_s: float = 60.0,
+        on_token: Callable[[AccessToken], None] | None = None,
     ) -> None:
+        """``on_token`` is told of each new token (to record its expiry; it must not block
+        long and its errors are ignored: a token is never refused because of it)."""
         if not client_id:
             raise ValueError("SMART Backend Services needs a client_id")
         self.fhir_base = fhir_base.rstrip("/")
@@ -141,6 +147,7 @@ class SmartBackendAuth(httpx.Auth):
         self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary())
         self.tokens_fetched = 0
+        self._on_token = on_token
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -245,6 +252,11 @@ class SmartBackendAuth(httpx.Auth):
         token = self._read_token(response)
         self._token = token
         self.tokens_fetched += 1
+        if self._on_token is not None:
+            try:
+                self._on_token(token)
+            except Exception:
+                log.warning("the token observer failed", exc_info=True)
         return token
 
     def _read_discovery(self, response: httpx.Response) -> str:

@@ -10,10 +10,10 @@ the highest announced), when the EHR last sent a notification and a heartbeat, w
 have no heartbeat and polled ones are not pushed to), whether a catch-up is running (its
 claim, ``catchup_claimed_at``, younger than the claim timeout), and the last error.
 
-SMART access tokens are cached in memory only, by the FHIR client of each stage that talks to
-the EHR (FHIR ingestion, write-back, scheduling), never in the database. The page shows the
-expiry of the tokens *this* process holds; with Celery workers, or before this process has
-called the EHR, it says "not held by this process" rather than guess.
+SMART access tokens stay in the memory of the FHIR client that asked for them; each new
+token's expiry, scope and holder (``host:pid``) is recorded in ``fhir_tokens``
+(:mod:`integration.fhir_tokens`), so the page shows when each connection's latest token
+expires, whichever process (this server or a Celery worker) holds it.
 """
 
 from __future__ import annotations
@@ -26,30 +26,20 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import Engine, select
 
-from adapters.fhir.smart import AccessToken
+from integration import fhir_tokens
 from integration.console.auth import Viewer, now_for, runtime_of
 from integration.console.render import render
 from integration.fhir_ingest import CLAIM_TIMEOUT
 from integration.models import fhir_subscriptions
-from integration.runtime import Runtime
 from integration.settings import Settings
 from subscriptions.tracking import TrackerState
 
-__all__ = ["ConnectionRow", "TokenInfo", "connection_rows", "held_tokens", "router"]
+__all__ = ["ConnectionRow", "connection_rows", "router"]
 
 router = APIRouter(include_in_schema=False, tags=["console"])
 
 SILENT_FACTOR = 2
 """Silent: nothing heard for more than this many heartbeat periods (as the alert)."""
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """A SMART access token this process holds for a connection (the value is never read)."""
-
-    expires_at: datetime
-    holders: tuple[str, ...]
-    """The stages holding one (``fhir``, ``writeback``, ``scheduling``)."""
 
 
 @dataclass(frozen=True)
@@ -156,51 +146,14 @@ def connection_rows(engine: Engine, settings: Settings, now: datetime) -> list[C
     return out
 
 
-def token_holders(runtime: Runtime) -> list[tuple[str, Any]]:
-    """The objects of this process that keep a FHIR client per connection, by stage name."""
-    fhir = getattr(runtime, "fhir", None)
-    return [("fhir", getattr(fhir, "ingest", None)),
-            ("writeback", getattr(runtime, "writeback", None)),
-            ("scheduling", getattr(runtime, "scheduling", None))]
-
-
-def held_tokens(holders: list[tuple[str, Any]]) -> dict[str, TokenInfo]:
-    """Per connection name: the latest expiry of the SMART tokens the ``holders`` cache.
-
-    Each holder keeps its clients in ``_clients`` (connection name, or (loop id, name), to a
-    client or (loop, client)); a client's ``auth`` is a
-    :class:`adapters.fhir.smart.SmartBackendAuth` whose ``token`` is the cached
-    :class:`adapters.fhir.smart.AccessToken`, if any. Only the expiry is read."""
-    found: dict[str, TokenInfo] = {}
-    for stage, holder in holders:
-        clients = getattr(holder, "_clients", None)
-        if not isinstance(clients, dict):
-            continue
-        for key, value in list(clients.items()):
-            api = value[1] if isinstance(value, tuple) else value
-            name = key[1] if isinstance(key, tuple) else key
-            token = getattr(getattr(api, "auth", None), "token", None)
-            if not isinstance(name, str) or not isinstance(token, AccessToken):
-                continue
-            expires = datetime.fromtimestamp(token.expires_at, UTC)
-            known = found.get(name)
-            if known is None:
-                found[name] = TokenInfo(expires, (stage,))
-            else:
-                holders_now = (*known.holders, stage) if stage not in known.holders else (
-                    known.holders)
-                found[name] = TokenInfo(max(known.expires_at, expires), holders_now)
-    return found
-
-
 @router.get("/console/connections")
 async def console_connections(request: Request, session: Viewer) -> Response:
     """The EHR connections and their subscriptions (table ``connections``), and the SMART
-    token each connection has in this process (table ``tokens``)."""
+    token each connection last obtained, in any process (table ``tokens``)."""
     runtime = runtime_of(request)
     now = now_for(request)
     rows = await asyncio.to_thread(connection_rows, runtime.engine, runtime.settings, now)
-    tokens = held_tokens(token_holders(runtime))
+    tokens = await asyncio.to_thread(fhir_tokens.read, runtime.engine)
     return render("connections.html", session=session, active="connections", rows=rows,
                   connections=runtime.settings.connections, tokens=tokens, now=now,
                   factor=SILENT_FACTOR, claim_minutes=int(CLAIM_TIMEOUT.total_seconds() // 60),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, select
 
 from adapters.fhir.smart import AccessToken
-from integration.console.connections import held_tokens
 from integration.console.outreach import failure_group, reason_group
 from integration.db import write_lock
 from integration.models import audit_events, ehr_outbox, fhir_subscriptions, touches
@@ -123,42 +121,44 @@ def test_connections_page(ehr_client: TestClient, ehr_runtime: Runtime) -> None:
     assert "silent" not in retired
     tokens = table(page, "tokens")
     assert tokens["ehr"][-1] == "no private key configured"
-    assert tokens["poller"][-1] == "not held by this process"
+    assert tokens["poller"][-1] == "none obtained yet"
 
 
-def test_a_token_held_by_this_process(ehr_client: TestClient, ehr_runtime: Runtime,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_latest_token_of_each_connection(ehr_client: TestClient,
+                                             ehr_runtime: Runtime) -> None:
+    """A token obtained in any process (here: recorded as a worker would) shows its expiry and
+    holder, never its value; a newer token replaces the older one's row."""
+    from integration import fhir_tokens
+
     expires = (NOW + 4 * MINUTE).timestamp()
-    api = SimpleNamespace(auth=SimpleNamespace(token=AccessToken("secret-token", expires,
-                                                                 expires - 60, "s")))
-    holder = SimpleNamespace(_clients={"poller": api})
-    monkeypatch.setattr("integration.console.connections.token_holders",
-                        lambda _rt: [("writeback", holder)])
+    fhir_tokens.record(ehr_runtime.engine, "poller",
+                       AccessToken("old-token", expires - 300, expires - 360, "s"),
+                       now=NOW - 5 * MINUTE)
+    fhir_tokens.record(ehr_runtime.engine, "poller",
+                       AccessToken("secret-token", expires, expires - 60, "system/*.rs"),
+                       now=NOW - MINUTE)
     sign_in(ehr_client, ehr_runtime, "vera")
     page = ehr_client.get("/console/connections").text
-    assert table(page, "tokens")["poller"][-1] == (
-        "2025-03-04 10:34:15 (in 4 min 0 s) held by writeback")
-    assert "secret-token" not in page
+    cell = table(page, "tokens")["poller"][-1]
+    assert cell.startswith("2025-03-04 10:34:15 (in 4 min 0 s) obtained 2025-03-04 10:29:15 by ")
+    assert "secret-token" not in page and "old-token" not in page
 
 
-def test_held_tokens_reads_every_holder() -> None:
-    def client_with(expires: float | None) -> Any:
-        token = AccessToken("t", expires, expires, "") if expires is not None else None
-        return SimpleNamespace(auth=SimpleNamespace(token=token))
+def test_clients_record_their_tokens(engine: Any) -> None:
+    """default_client's SMART auth tells the ledger of each token it obtains."""
+    from integration import fhir_tokens
 
-    loop = object()
-    holders = [
-        ("fhir", SimpleNamespace(_clients={"a": client_with(100.0), "b": client_with(None)})),
-        ("writeback", SimpleNamespace(_clients={"a": client_with(300.0)})),
-        ("scheduling", SimpleNamespace(_clients={(1, "c"): (loop, client_with(50.0))})),
-        ("nothing", None),
-        ("odd", SimpleNamespace(_clients=["not", "a", "dict"])),
-    ]
-    got = held_tokens(holders)
-    assert set(got) == {"a", "c"}
-    assert got["a"].expires_at == datetime.fromtimestamp(300.0, UTC)
-    assert got["a"].holders == ("fhir", "writeback")
-    assert got["c"].holders == ("scheduling",)
+    seen: list[str] = []
+    observer = fhir_tokens.observer("ehr")
+    fhir_tokens.install(engine)
+    try:
+        observer(AccessToken("v", 2_000_000_000.0, 1_999_999_000.0, "system/Patient.rs"))
+        seen = list(fhir_tokens.read(engine))
+    finally:
+        fhir_tokens._engine = None
+    assert seen == ["ehr"]
+    assert fhir_tokens.read(engine)["ehr"].expires_at == datetime.fromtimestamp(
+        2_000_000_000.0, UTC)
 
 
 def test_connections_page_without_connections(client: TestClient, runtime: Runtime) -> None:
