@@ -3,15 +3,16 @@
 When MSH-16 asks for one, the processing stage builds the application ACK (AA, or AE with ERR)
 and keeps it on the inbox row. MLLP is one-way per connection, so the application ACK travels as
 a new message over a connection careloop opens to the sender's listener: ``ack_to`` in that
-sender's ``[[hl7_senders]]`` rule. Rows whose sender has no ``ack_to`` keep their ACK on record
-(``careloop inbox show``) and are not retried. Delivery runs with the sweep, so an unreachable
-listener only delays it.
+sender's rule (``[[hl7_senders]]`` or the console's Senders, :mod:`integration.senders`). Rows
+whose sender has no ``ack_to`` keep their ACK on record (``careloop inbox show``) and are not
+retried. Delivery runs with the sweep, so an unreachable listener only delays it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -22,34 +23,45 @@ from adapters.mllp import AckMismatch, MLLPClient
 from integration.db import write_lock
 from integration.logs import get_logger
 from integration.models import inbox
+from integration.senders import SenderRegistry, namespace
 from integration.settings import Settings
 
 __all__ = ["deliver_app_acks"]
 
 log = get_logger("careloop.appacks")
 _delivering = threading.Lock()
+_registries: weakref.WeakKeyDictionary[Engine, SenderRegistry] = weakref.WeakKeyDictionary()
+_registries_guard = threading.Lock()
 
 
-def _namespace(hd: str) -> str:
-    return hd.split("^", 1)[0]
+def _registry(engine: Engine, settings: Settings) -> SenderRegistry:
+    """This process's sender rules for ``engine`` (the console's checked every few seconds:
+    an ACK held back meanwhile goes with the next sweep)."""
+    with _registries_guard:
+        registry = _registries.get(engine)
+        if registry is None or registry.settings is not settings:
+            registry = _registries[engine] = SenderRegistry(settings, refresh_s=2.0)
+    registry.refresh(engine)
+    return registry
 
 
 def deliver_app_acks(
     engine: Engine, settings: Settings, *, limit: int = 200, timeout: float = 5.0
 ) -> int:
     """Send pending application ACKs to their senders' ``ack_to``; returns how many went."""
-    if not any(rule.ack_to for rule in settings.hl7_senders):
+    registry = _registry(engine, settings)
+    if not any(r.rule.ack_to for r in registry.rules()):
         return 0
     # One delivery at a time in this process (the worker and the sweeper both call this).
     if not _delivering.acquire(blocking=False):
         return 0
     try:
-        return _deliver(engine, settings, limit, timeout)
+        return _deliver(engine, registry, limit, timeout)
     finally:
         _delivering.release()
 
 
-def _deliver(engine: Engine, settings: Settings, limit: int, timeout: float) -> int:
+def _deliver(engine: Engine, registry: SenderRegistry, limit: int, timeout: float) -> int:
     with engine.connect() as conn:
         rows = conn.execute(
             select(inbox.c.id, inbox.c.sender, inbox.c.app_ack)
@@ -60,7 +72,7 @@ def _deliver(engine: Engine, settings: Settings, limit: int, timeout: float) -> 
     targets: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
         application, _, facility = row.sender.partition("|")
-        rule = settings.sender(_namespace(application), _namespace(facility))
+        rule = registry.find(namespace(application), namespace(facility))
         if rule is not None and rule.ack_to:
             targets[rule.ack_to].append(row)
     sent: list[int] = []

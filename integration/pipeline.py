@@ -62,6 +62,7 @@ __all__ = [
     "process_message",
     "queue_depth",
     "requeue",
+    "requeue_ids",
 ]
 
 log = get_logger("careloop.pipeline")
@@ -129,6 +130,7 @@ def process_batch(
     """
     now = now or datetime.now(UTC)
     contexts = contexts or ContextFactory()
+    contexts.refresh(engine)  # a sender saved in the console applies from this batch on
     work = run or _work
     ids = list(inbox_ids)
     try:
@@ -223,6 +225,9 @@ def _work(
             problem = check_structure(header, text)
             if problem is not None:
                 raise problem
+            held = contexts.unregistered(header)
+            if held is not None:  # hl7_unregistered_senders = "hold"
+                raise MessageError(held, location="MSH-3", code="207")
             context = contexts.for_header(header)
             message = parse_message(text)
             conversion = convert(message, context=context)
@@ -414,7 +419,8 @@ def requeue(
     ids: Sequence[int] | None = None,
     now: datetime | None = None,
 ) -> list[int]:
-    """Put rows back to ``received`` for replay; returns their ids. Attempts are reset."""
+    """Put rows back to ``received`` for replay; returns their ids. Attempts are reset, and
+    ``next_attempt_at`` is now, so the sweep takes them if nobody dispatches them sooner."""
     now = now or datetime.now(UTC)
     conditions = [inbox.c.status == status] if status else []
     if since is not None:
@@ -423,7 +429,7 @@ def requeue(
         conditions.append(inbox.c.id.in_(list(ids)))
     # Unreadable rows cannot be processed; they are kept only for inspection.
     conditions.append(inbox.c.status != InboxStatus.REJECTED.value)
-    with engine.begin() as conn:
+    with write_lock(engine), engine.begin() as conn:
         selected = [
             r.id
             for r in conn.execute(select(inbox.c.id).where(*conditions).order_by(inbox.c.id))
@@ -443,6 +449,43 @@ def requeue(
                 )
             )
     return selected
+
+
+def requeue_ids(
+    conn: Connection,
+    ids: Sequence[int],
+    *,
+    status: str | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    """:func:`requeue` for given rows, in the caller's transaction (the console replays and
+    audits in one): only rows still in ``status`` (any but ``rejected`` when None) change;
+    returns their ids. The caller dispatches them after its commit."""
+    now = now or datetime.now(UTC)
+    done: list[int] = []
+    wanted = sorted({int(i) for i in ids})
+    for start in range(0, len(wanted), 500):
+        conditions = [inbox.c.id.in_(wanted[start : start + 500]),
+                      inbox.c.status != InboxStatus.REJECTED.value]
+        if status:
+            conditions.append(inbox.c.status == status)
+        done += [
+            r.id
+            for r in conn.execute(
+                update(inbox)
+                .where(*conditions)
+                .values(
+                    status=InboxStatus.RECEIVED.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    processed_at=None,
+                    app_ack=None,
+                    app_ack_sent_at=None,
+                )
+                .returning(inbox.c.id)
+            )
+        ]
+    return sorted(done)
 
 
 def queue_depth(engine: Engine, now: datetime | None = None) -> dict[str, tuple[int, float]]:

@@ -25,6 +25,7 @@ from datetime import datetime
 from integration.conversion import ContextFactory
 from integration.logs import configure_logging, get_logger
 from integration.pipeline import Outcome, WorkRow, _Result, _work
+from integration.senders import SenderSnapshot
 from integration.settings import Settings
 
 __all__ = ["WorkPool"]
@@ -66,9 +67,10 @@ def _init_child(settings: Settings, niceness: int, parent: int) -> None:
 
 
 def _child_work(
-    rows: list[WorkRow], max_attempts: int, now: datetime
+    rows: list[WorkRow], max_attempts: int, now: datetime, senders: SenderSnapshot
 ) -> tuple[list[Outcome], list[_Result]]:
     assert _contexts is not None, "the work process was not initialised"
+    _contexts.adopt(senders)  # the console's sender rules, as the serving process has them
     return _work(rows, max_attempts, now, _contexts)
 
 
@@ -98,11 +100,12 @@ class WorkPool:
         rows: list[WorkRow],
         max_attempts: int,
         now: datetime,
-        _contexts: ContextFactory,
+        contexts: ContextFactory,
     ) -> tuple[list[Outcome], list[_Result]]:
         pool = self._get()
         try:
-            return pool.submit(_child_work, rows, max_attempts, now).result()
+            return pool.submit(_child_work, rows, max_attempts, now,
+                               contexts.snapshot()).result()
         except BrokenProcessPool:
             log.error("work_process_died", count=len(rows))
             with self._lock:
