@@ -411,6 +411,13 @@ def due_ids(
         return [r.id for r in rows]
 
 
+def _requeued(now: datetime) -> dict[str, Any]:
+    """What a replay sets on an inbox row: received again, due now, attempts and the
+    application ACK reset (a replay builds and sends a new one)."""
+    return {"status": InboxStatus.RECEIVED.value, "attempts": 0, "next_attempt_at": now,
+            "processed_at": None, "app_ack": None, "app_ack_sent_at": None}
+
+
 def requeue(
     engine: Engine,
     *,
@@ -436,18 +443,7 @@ def requeue(
         ]
         for start in range(0, len(selected), 500):
             chunk = selected[start : start + 500]
-            conn.execute(
-                update(inbox)
-                .where(inbox.c.id.in_(chunk))
-                .values(
-                    status=InboxStatus.RECEIVED.value,
-                    attempts=0,
-                    next_attempt_at=now,
-                    processed_at=None,
-                    app_ack=None,
-                    app_ack_sent_at=None,
-                )
-            )
+            conn.execute(update(inbox).where(inbox.c.id.in_(chunk)).values(**_requeued(now)))
     return selected
 
 
@@ -474,14 +470,7 @@ def requeue_ids(
             for r in conn.execute(
                 update(inbox)
                 .where(*conditions)
-                .values(
-                    status=InboxStatus.RECEIVED.value,
-                    attempts=0,
-                    next_attempt_at=now,
-                    processed_at=None,
-                    app_ack=None,
-                    app_ack_sent_at=None,
-                )
+                .values(**_requeued(now))
                 .returning(inbox.c.id)
             )
         ]

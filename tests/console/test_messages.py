@@ -16,24 +16,15 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from integration.api import create_app
 from integration.console import messages as console_messages
-from integration.console.users import create_user
 from integration.intake import assess
 from integration.models import audit_events, inbox, replay_jobs
 from integration.pipeline import process_batch
 from integration.runtime import Runtime
+from tests.console.support import Clock, signed_in
 from tests.helpers import adt, settings_for
 
 NOW = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)
-PASSWORD = "correct horse battery"
 NAME = b"Zebulon^Quixote"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
@@ -46,26 +37,8 @@ def runtime(db_url: str) -> Iterator[Runtime]:
 @pytest.fixture
 def app(runtime: Runtime) -> FastAPI:
     application = create_app(runtime, manage_runtime=False)
-    application.state.console_clock = Clock()
+    application.state.console_clock = Clock(NOW)
     return application
-
-
-def _csrf(html: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', html)
-    assert found, html
-    return found.group(1)
-
-
-def signed_in(app: FastAPI, username: str, role: str, *, phi: bool = False) -> tuple[
-        TestClient, str]:
-    """A client signed in as a new user; and the session's CSRF token."""
-    create_user(app.state.runtime.engine, username, role, PASSWORD, phi=phi)
-    client = TestClient(app, follow_redirects=False)
-    form = client.get("/console/login")
-    r = client.post("/console/login", data={"username": username, "password": PASSWORD,
-                                            "csrf": _csrf(form.text)})
-    assert r.status_code == 303, r.text
-    return client, _csrf(client.get("/console").text)
 
 
 def message(control: str, *, sender: str = "EPIC", pid: bool = True,
@@ -277,7 +250,7 @@ def test_replay_is_processed_by_the_in_process_worker(db_url: str) -> None:
     rt = Runtime(settings_for(db_url, sweep_interval_s=60), with_mllp=False)
     try:
         application = create_app(rt)
-        application.state.console_clock = Clock()
+        application.state.console_clock = Clock(NOW)
         with TestClient(application, follow_redirects=False):
             inbox_id = store(rt.engine, message("W1"), status="failed", last_error="old")
             olga, csrf = signed_in(application, "olga", "operator")

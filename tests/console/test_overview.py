@@ -17,24 +17,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert
 
 from integration.api import create_app
-from integration.console.users import create_user
 from integration.db import write_lock
 from integration.models import channel_events, ehr_outbox, inbox, touches
 from integration.runtime import Runtime
+from tests.console import support
+from tests.console.support import Clock
 from tests.helpers import settings_for
 
 NOW = datetime(2025, 3, 4, 10, 30, 15, tzinfo=UTC)
-PASSWORD = "correct horse battery"
 SECRET = "pat-SECRET-4711"
 PHONE = "+4915112345678"
-
-
-class Clock:
-    def __init__(self, now: datetime = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def make_client(runtime: Runtime, clock: Clock) -> TestClient:
@@ -45,7 +37,7 @@ def make_client(runtime: Runtime, clock: Clock) -> TestClient:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(NOW)
 
 
 @pytest.fixture
@@ -62,21 +54,10 @@ def client(runtime: Runtime, clock: Clock) -> Iterator[TestClient]:
         yield c
 
 
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found, page
-    return found.group(1)
-
-
 def sign_in(client: TestClient, runtime: Runtime, username: str, role: str = "viewer", *,
             phi: bool = False) -> str:
     """Create the user, sign in; returns the session's CSRF token."""
-    create_user(runtime.engine, username, role, PASSWORD, phi=phi)
-    form = client.get("/console/login")
-    r = client.post("/console/login", data={"username": username, "password": PASSWORD,
-                                            "csrf": csrf_of(form.text)})
-    assert r.status_code == 303, r.text
-    return csrf_of(client.get("/console").text)
+    return support.sign_in(client, runtime.engine, username, role, phi=phi)
 
 
 def _text(cell: str) -> str:

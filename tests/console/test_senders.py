@@ -20,26 +20,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, select
 
 from integration.api import create_app
-from integration.console.users import create_user
 from integration.intake import assess
 from integration.models import audit_events, inbox, mapped_resources, sender_settings
 from integration.runtime import Runtime
 from integration.senders import save_sender
 from integration.settings import HL7Sender
+from tests.console.support import Clock, signed_in
 from tests.helpers import adt, msa, settings_for
 
 NOW = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)
-PASSWORD = "correct horse battery"
 FILE_RULE = HL7Sender(application="EPIC", facility="MAIN", timezone="America/Chicago",
                       identifier_systems={"MRN": "urn:oid:1.2.3"})
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
@@ -53,25 +44,8 @@ def runtime(db_url: str) -> Iterator[Runtime]:
 @pytest.fixture
 def app(runtime: Runtime) -> FastAPI:
     application = create_app(runtime, manage_runtime=False)
-    application.state.console_clock = Clock()
+    application.state.console_clock = Clock(NOW)
     return application
-
-
-def _csrf(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found, page
-    return found.group(1)
-
-
-def signed_in(app: FastAPI, username: str, role: str, *, phi: bool = False) -> tuple[
-        TestClient, str]:
-    create_user(app.state.runtime.engine, username, role, PASSWORD, phi=phi)
-    client = TestClient(app, follow_redirects=False)
-    form = client.get("/console/login")
-    r = client.post("/console/login", data={"username": username, "password": PASSWORD,
-                                            "csrf": _csrf(form.text)})
-    assert r.status_code == 303, r.text
-    return client, _csrf(client.get("/console").text)
 
 
 def store(engine: Engine, raw: bytes, **values: Any) -> int:
@@ -230,7 +204,7 @@ def test_register_the_sender_replay_and_see_it_processed(db_url: str) -> None:
                       with_mllp=False)
     try:
         application = create_app(runtime)
-        application.state.console_clock = Clock()
+        application.state.console_clock = Clock(NOW)
         with TestClient(application, follow_redirects=False) as api:
             raw = adt("NL1", sender="NEWLAB").replace(b"|MAIN|", b"|NORTH|", 1)
             r = api.post("/hl7v2", content=raw, headers={"Content-Type": "application/hl7-v2"})
@@ -296,7 +270,7 @@ def test_register_and_replay_with_a_celery_worker(pg_url: str, redis_url: str,
                       with_mllp=False)
     try:
         application = create_app(runtime)
-        application.state.console_clock = Clock()
+        application.state.console_clock = Clock(NOW)
         with TestClient(application, follow_redirects=False) as api:
             raw = adt("CL1", sender="NEWLAB").replace(b"|MAIN|", b"|NORTH|", 1)
             r = api.post("/hl7v2", content=raw, headers={"Content-Type": "application/hl7-v2"})
