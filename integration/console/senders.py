@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from urllib.parse import urlencode
 from zoneinfo import available_timezones
 
@@ -47,6 +48,9 @@ __all__ = ["SeenSender", "SendersOverview", "router", "senders_overview"]
 router = APIRouter(include_in_schema=False, tags=["console"])
 
 SEEN_LIMIT = 1000
+SEEN_WINDOW = timedelta(days=30)
+"""Senders are listed from the messages of this long (the ``received_at`` index bounds the
+scan; a busy inbox holds millions of rows)."""
 """The most distinct senders the list shows."""
 _FIELDS = ("application", "facility", "timezone", "identifier_systems", "ack_to")
 _TIMEZONES = sorted(available_timezones())
@@ -72,15 +76,16 @@ class SendersOverview:
     truncated: bool
 
 
-def senders_overview(engine: Engine, settings: Settings) -> SendersOverview:
-    """The senders in the inbox (HL7 only) and the rules in effect, read now."""
+def senders_overview(engine: Engine, settings: Settings, now: datetime) -> SendersOverview:
+    """The senders of the last :data:`SEEN_WINDOW` of the inbox (HL7 only) and the rules in
+    effect, read now."""
     c = inbox.c
     failed = func.sum(case((c.status == InboxStatus.FAILED.value, 1), else_=0))
     with engine.connect() as conn:
         rules = effective_rules(settings, load_console_senders(conn))
         rows = conn.execute(
             select(c.sender, func.count(), failed)
-            .where(c.source != "fhir", c.sender != "")
+            .where(c.received_at >= now - SEEN_WINDOW, c.source != "fhir", c.sender != "")
             .group_by(c.sender).order_by(c.sender).limit(SEEN_LIMIT + 1)).all()
     seen = []
     for sender, messages, n_failed in rows[:SEEN_LIMIT]:
@@ -118,7 +123,8 @@ def _form_page(session: Session, values: dict[str, str], *, status: int = 200,
 @router.get("/console/senders")
 async def senders_page(request: Request, session: Viewer) -> Response:
     runtime = runtime_of(request)
-    overview = await asyncio.to_thread(senders_overview, runtime.engine, runtime.settings)
+    overview = await asyncio.to_thread(senders_overview, runtime.engine, runtime.settings,
+                                       now_for(request))
     params = request.query_params
     saved, deleted = params.get("saved", "")[:512], params.get("deleted", "")[:512]
     return render("senders.html", session=session, active="senders", o=overview,
