@@ -74,8 +74,11 @@ class FakeIdP:
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     token_errors: list[str] = field(default_factory=list)
     fetches: dict[str, int] = field(default_factory=dict)
+    redirect_uri: str = REDIRECT_URI
+    """The one redirect URI registered for the client."""
 
     def reset(self) -> None:
+        self.redirect_uri = REDIRECT_URI
         self.published = [self.key]
         self.signing_key = self.key
         self.user = {"sub": "u-1001", "preferred_username": "dana", "email": "dana@example.org",
@@ -118,7 +121,7 @@ class FakeIdP:
                 name for name, ok in (
                     ("response_type", q.get("response_type") == "code"),
                     ("client_id", q.get("client_id") == CLIENT_ID),
-                    ("redirect_uri", q.get("redirect_uri") == REDIRECT_URI),
+                    ("redirect_uri", q.get("redirect_uri") == self.redirect_uri),
                     ("scope", "openid" in (q.get("scope") or "").split()),
                     ("code_challenge_method", q.get("code_challenge_method") == "S256"),
                     ("code_challenge", len(q.get("code_challenge") or "") == 43),
