@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,11 +21,14 @@ from sqlalchemy import Engine, select
 
 from adapters.fhir.smart import AccessToken
 from integration.db import dialect_insert, write_lock
+from integration.logs import get_logger
 from integration.models import fhir_tokens
 
-__all__ = ["TokenRecord", "install", "observer", "read", "record"]
+__all__ = ["TokenRecord", "install", "observer", "read", "record", "settle"]
 
 _engine: Engine | None = None
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careloop-fhir-tokens")
+log = get_logger("careloop.fhir_tokens")
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,33 @@ def record(engine: Engine, connection: str, token: AccessToken, *,
             set_={k: v for k, v in values.items() if k != "connection"}))
 
 
+def _record_quietly(engine: Engine, connection: str, token: AccessToken) -> None:
+    try:
+        record(engine, connection, token)
+    except Exception:  # the page shows an older expiry, nothing worse
+        log.warning("token_record_failed", connection=connection, exc_info=True)
+
+
 def observer(connection: str) -> Callable[[AccessToken], None]:
     """The ``on_token`` callback for a client of ``connection``: records into the installed
-    engine (nothing when none is installed, e.g. a one-off CLI command)."""
+    engine (nothing when none is installed, e.g. a one-off CLI command).
+
+    The write happens on a background thread: the token is obtained inside an HTTP request's
+    auth flow (often on the event loop, perhaps while the caller holds SQLite's write gate),
+    which must neither wait on the database nor take the gate again."""
 
     def on_token(token: AccessToken) -> None:
-        if _engine is not None:
-            record(_engine, connection, token)
+        engine = _engine
+        if engine is not None:
+            _writer.submit(_record_quietly, engine, connection, token)
 
     return on_token
+
+
+def settle(timeout: float = 10.0) -> None:
+    """Wait until the writes handed to the background thread so far are done (for tests and
+    an orderly stop)."""
+    _writer.submit(lambda: None).result(timeout)
 
 
 def _aware(moment: datetime) -> datetime:

@@ -153,6 +153,7 @@ def test_clients_record_their_tokens(engine: Any) -> None:
     fhir_tokens.install(engine)
     try:
         observer(AccessToken("v", 2_000_000_000.0, 1_999_999_000.0, "system/Patient.rs"))
+        fhir_tokens.settle()
         seen = list(fhir_tokens.read(engine))
     finally:
         fhir_tokens._engine = None

@@ -157,6 +157,17 @@ async def test_create_update_cancel_follow(world: World) -> None:
     assert cancelled.version_id
     await world.until({made.id: "cancelled"})
 
+    # The serving process recorded its SMART token's expiry (never the token) for the console.
+    from integration import fhir_tokens
+
+    engine = create_db_engine(world.db_url)
+    try:
+        tokens = fhir_tokens.read(engine)
+    finally:
+        engine.dispose()
+    assert set(tokens) == {"main-ehr"}
+    assert tokens["main-ehr"].expires_at > tokens["main-ehr"].obtained_at
+
 
 async def test_dropped_notification_is_caught_up(world: World) -> None:
     pid = await _patient(world.ehr)
