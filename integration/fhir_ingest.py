@@ -41,6 +41,7 @@ from sqlalchemy import Connection as DbConnection
 from sqlalchemy import Engine, or_, select, update
 
 from adapters.fhir import FHIRApi, FHIRClient, FHIRRequest, bundle_resources
+from adapters.fhir.smart import AccessToken
 from integration import fhir_tokens
 from integration.db import write_lock
 from integration.fhir_state import (
@@ -107,15 +108,26 @@ class _LostRace(Exception):
     """Another worker finished the row meanwhile."""
 
 
-def default_client(connection: Connection) -> FHIRApi:
-    """A :class:`FHIRClient` with SMART Backend Services for ``connection``; each token's
-    expiry is recorded (:mod:`integration.fhir_tokens`)."""
+def default_client(connection: Connection,
+                   on_token: Callable[[AccessToken], None] | None = None) -> FHIRApi:
+    """A :class:`FHIRClient` with SMART Backend Services for ``connection``; ``on_token`` is
+    told of each access token it obtains."""
     if connection.private_key is None:
         raise ValueError(f"connection {connection.name!r} has no private_key: run "
                          "`careloop keys generate` and set it")
     return FHIRClient.connect(fhir_base=connection.fhir_base, client_id=connection.client_id,
                               private_key=connection.private_key, scopes=connection.scopes,
-                              on_token=fhir_tokens.observer(connection.name))
+                              on_token=on_token)
+
+
+def recording_clients(engine: Engine) -> ClientFactory:
+    """The stages' client factory: :func:`default_client`, each token's expiry recorded in
+    ``engine``'s database for the console (:mod:`integration.fhir_tokens`)."""
+
+    def factory(connection: Connection) -> FHIRApi:
+        return default_client(connection, fhir_tokens.observer(engine, connection.name))
+
+    return factory
 
 
 def fhir_source(connection: str, resource: JSON, *, fallback: datetime,
@@ -183,12 +195,12 @@ class FhirIngest:
         engine: Engine,
         settings: Settings,
         *,
-        client_factory: ClientFactory = default_client,
+        client_factory: ClientFactory | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
         self.settings = settings
-        self._factory = client_factory
+        self._factory = client_factory or recording_clients(engine)
         self._clock = clock
         self._clients: dict[str, FHIRApi] = {}
         self._capabilities: dict[str, ServerCapabilities] = {}
@@ -579,7 +591,7 @@ class FhirWorker:
     and a timer runs :meth:`FhirIngest.tick` every ``tick_s`` seconds."""
 
     def __init__(self, engine: Engine, settings: Settings, *,
-                 client_factory: ClientFactory = default_client, tick_s: float = 5.0) -> None:
+                 client_factory: ClientFactory | None = None, tick_s: float = 5.0) -> None:
         self.ingest = FhirIngest(engine, settings, client_factory=client_factory)
         self._tick_s = tick_s
         self._loop: asyncio.AbstractEventLoop | None = None

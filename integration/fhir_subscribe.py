@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from adapters.fhir import FHIRApi, FHIRRequest, FHIRResponse, bundle_resources
 from integration.db import write_lock
-from integration.fhir_ingest import ClientFactory, FhirIngest, default_client
+from integration.fhir_ingest import ClientFactory, FhirIngest, recording_clients
 from integration.fhir_state import (
     ensure_secret,
     ensure_subscription_row,
@@ -141,7 +141,7 @@ async def ensure_subscriptions(
     engine: Engine,
     settings: Settings,
     *,
-    client_factory: ClientFactory = default_client,
+    client_factory: ClientFactory | None = None,
     now: datetime | None = None,
 ) -> list[EnsureLine]:
     """Ensure every configured Subscription; one line per action (errors included: the
@@ -156,7 +156,7 @@ async def ensure_subscriptions(
                                         f"every {connection.poll_interval_s} s"))
             continue
         secret = ensure_secret(engine, connection.name, now=now)
-        api = client_factory(connection)
+        api = (client_factory or recording_clients(engine))(connection)
         ingest = FhirIngest(engine, settings, client_factory=_fixed(api))
         try:
             for rtype in connection.resource_types:

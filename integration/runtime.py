@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, select
 
 from adapters.mllp import MLLPServer, ServerLimits, server_ssl_context
-from integration import fhir_tokens
 from integration.appacks import deliver_app_acks
 from integration.clients import ClientRegistry
 from integration.conversion import ContextFactory
@@ -63,7 +62,6 @@ class Runtime:
         self._checkpointer = (
             Checkpointer(self.engine) if self.engine.dialect.name == "sqlite" else None
         )
-        fhir_tokens.install(self.engine)
         self.clients = ClientRegistry(self.engine)
         self.tokens = TokenService(
             self.engine,

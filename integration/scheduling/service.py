@@ -48,7 +48,7 @@ from sqlalchemy import Engine, insert, or_, select, update
 from adapters.fhir import FHIRApi, FHIRRequest, bundle_resources
 from adapters.fhir.errors import FHIRError, ResourceNotFound
 from integration.db import write_lock
-from integration.fhir_ingest import ClientFactory, default_client, fhir_source
+from integration.fhir_ingest import ClientFactory, fhir_source, recording_clients
 from integration.identity import REF_SYSTEM_PREFIX, IdentityRules, resolve_id
 from integration.logs import get_logger
 from integration.metrics import count_booking
@@ -189,7 +189,7 @@ class SchedulingService:
         engine: Engine,
         settings: Settings,
         *,
-        client_factory: ClientFactory = default_client,
+        client_factory: ClientFactory | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         notify: Callable[[], None] | None = None,
     ) -> None:
@@ -197,7 +197,7 @@ class SchedulingService:
         and write-back stages)."""
         self.engine = engine
         self.settings = settings
-        self._factory = client_factory
+        self._factory = client_factory or recording_clients(engine)
         self._clock = clock
         self._notify = notify
         self._clients: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, FHIRApi]] = {}

@@ -20,7 +20,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 
 from adapters.fhir import FHIRApi
-from integration.fhir_ingest import default_client
+from integration.fhir_ingest import recording_clients
 from integration.logs import get_logger
 from integration.settings import Connection, Settings
 from integration.writeback.flusher import FlushResult, flush
@@ -39,13 +39,13 @@ class WritebackStage:
         engine: Engine,
         settings: Settings,
         *,
-        client_factory: Callable[[Connection], FHIRApi] = default_client,
+        client_factory: Callable[[Connection], FHIRApi] | None = None,
         interval_s: float = 2.0,
         limit: int = 300,
     ) -> None:
         self.engine = engine
         self.settings = settings
-        self._factory = client_factory
+        self._factory = client_factory or recording_clients(engine)
         self._interval = interval_s
         self._limit = limit
         self._clients: dict[str, FHIRApi] = {}

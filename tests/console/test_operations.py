@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,21 +146,22 @@ def test_the_latest_token_of_each_connection(ehr_client: TestClient,
 
 
 def test_clients_record_their_tokens(engine: Any) -> None:
-    """default_client's SMART auth tells the ledger of each token it obtains."""
+    """The stages' SMART clients tell the ledger of each token they obtain."""
     from integration import fhir_tokens
+    from adapters.fhir.keys import SigningKeyError
+    from integration.fhir_ingest import recording_clients
+    from integration.settings import Connection
 
-    seen: list[str] = []
-    observer = fhir_tokens.observer("ehr")
-    fhir_tokens.install(engine)
-    try:
-        observer(AccessToken("v", 2_000_000_000.0, 1_999_999_000.0, "system/Patient.rs"))
-        fhir_tokens.settle()
-        seen = list(fhir_tokens.read(engine))
-    finally:
-        fhir_tokens._engine = None
-    assert seen == ["ehr"]
-    assert fhir_tokens.read(engine)["ehr"].expires_at == datetime.fromtimestamp(
-        2_000_000_000.0, UTC)
+    connection = Connection(name="ehr", fhir_base="https://ehr.example.org/fhir",
+                            client_id="careloop", private_key=Path("var/keys/none.pem"),
+                            mode="poll")
+    with pytest.raises(SigningKeyError):  # no key file: the factory is the one reading it
+        recording_clients(engine)(connection)
+    observer = fhir_tokens.observer(engine, "ehr")
+    observer(AccessToken("v", 2_000_000_000.0, 1_999_999_000.0, "system/Patient.rs"))
+    tokens = fhir_tokens.read(engine)
+    assert list(tokens) == ["ehr"] and tokens["ehr"].scope == "system/Patient.rs"
+    assert tokens["ehr"].expires_at == datetime.fromtimestamp(2_000_000_000.0, UTC)
 
 
 def test_connections_page_without_connections(client: TestClient, runtime: Runtime) -> None:
