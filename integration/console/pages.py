@@ -206,6 +206,15 @@ def _counts(conn: Any, column: Any, *where: Any) -> list[tuple[str, int]]:
     return [(str(key) if key else "(none)", int(n)) for key, n in rows]
 
 
+HOUR_KEY = "%Y-%m-%d %H"
+"""An hour bucket's key, as :func:`integration.console.charts.bucket_key` makes it."""
+
+
+def _ranked(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Counts, most first (then by name), as the tables list them."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
 def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
@@ -247,7 +256,7 @@ def _trends(per_bucket: dict[str, dict[str, int]], last_hour: dict[str, int],
     shown, rest = ranked[:TOP], ranked[TOP:]
 
     def trend(label: str, names: list[str]) -> Trend:
-        per_hour = [float(sum(per_bucket.get(h.strftime("%Y-%m-%d %H"), {}).get(n, 0)
+        per_hour = [float(sum(per_bucket.get(h.strftime(HOUR_KEY), {}).get(n, 0)
                               for n in names)) for h in hours]
         return Trend(label, sum(last_hour.get(n, 0) for n in names),
                      sum(totals[n] for n in names), per_hour)
@@ -266,33 +275,44 @@ def overview(engine: Engine, now: datetime) -> Overview:
     """The overview's figures: the last 24 hours before ``now`` (per minute for the last
     hour); no patient data. Grouping happens in SQL over the ``received_at`` index."""
     since = now - WINDOW
-    recent = inbox.c.received_at >= since
     hours = bucket_starts(now, "hour", 24)
     minutes = bucket_starts(now, "minute", 60)
+    failing_statuses = (InboxStatus.FAILED.value, InboxStatus.REJECTED.value)
     with engine.connect() as conn:
         dialect = conn.dialect.name
-        by_status = _counts(conn, inbox.c.status, recent)
-        by_type = _counts(conn, inbox.c.message_type, recent)
-        acks = _counts(conn, inbox.c.ack_code, recent, inbox.c.ack_code != "")
         outbox = _counts(conn, ehr_outbox.c.status)
         sent = _counts(conn, touches.c.status, touches.c.updated_at >= since)
         waiting = stages(conn, now)
 
+        # One pass over the 24 hours of the inbox (the received_at index) gives every count
+        # the page shows: grouped by hour, sender, type, status and ACK code, summed here.
         hour = bucket_key(dialect, inbox.c.received_at, "hour")
-        in_hours = inbox.c.received_at >= hours[0]
-        by_sender: dict[str, dict[str, int]] = defaultdict(dict)
-        for key, name, n in conn.execute(
-                select(hour, inbox.c.sender, func.count()).where(in_hours)
-                .group_by(hour, inbox.c.sender)):
-            by_sender[key][_name(name)] = int(n)
-        by_kind: dict[str, dict[str, int]] = defaultdict(dict)
-        for key, name, n in conn.execute(
-                select(hour, inbox.c.message_type, func.count()).where(in_hours)
-                .group_by(hour, inbox.c.message_type)):
-            by_kind[key][_name(name)] = int(n)
-        failing = inbox.c.status.in_((InboxStatus.FAILED.value, InboxStatus.REJECTED.value))
-        bad_hours = {key: int(n) for key, n in conn.execute(
-            select(hour, func.count()).where(in_hours, failing).group_by(hour))}
+        in_window = inbox.c.received_at >= since
+        by_sender: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        bad_hours: dict[str, int] = defaultdict(int)
+        status_n: dict[str, int] = defaultdict(int)
+        type_n: dict[str, int] = defaultdict(int)
+        ack_n: dict[str, int] = defaultdict(int)
+        for key, name, kind, status, ack, inside, count in conn.execute(
+                select(hour, inbox.c.sender, inbox.c.message_type, inbox.c.status,
+                       inbox.c.ack_code, in_window, func.count())
+                .where(inbox.c.received_at >= min(hours[0], since))
+                .group_by(hour, inbox.c.sender, inbox.c.message_type, inbox.c.status,
+                          inbox.c.ack_code, in_window)):
+            n = int(count)
+            if key >= hours[0].strftime(HOUR_KEY):
+                by_sender[key][_name(name)] += n
+                by_kind[key][_name(kind)] += n
+                if status in failing_statuses:
+                    bad_hours[key] += n
+            if inside:
+                status_n[_name(status)] += n
+                type_n[_name(kind)] += n
+                if ack:
+                    ack_n[str(ack)] += n
+        by_status, by_type, acks = _ranked(status_n), _ranked(type_n), _ranked(ack_n)
+        failing = inbox.c.status.in_(failing_statuses)
 
         minute = bucket_key(dialect, inbox.c.received_at, "minute")
         per_minute: dict[str, int] = defaultdict(int)
