@@ -147,8 +147,8 @@ def test_the_latest_token_of_each_connection(ehr_client: TestClient,
 
 def test_clients_record_their_tokens(engine: Any) -> None:
     """The stages' SMART clients tell the ledger of each token they obtain."""
-    from integration import fhir_tokens
     from adapters.fhir.keys import SigningKeyError
+    from integration import fhir_tokens
     from integration.fhir_ingest import recording_clients
     from integration.settings import Connection
 
