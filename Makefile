@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test test-scale lint typecheck bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+## test-scale: scale-out on PostgreSQL and a private Redis: 2 replicas, 3 workers, beat, 20,000 messages, kills (minutes)
+test-scale: $(STAMP)
+	$(VENV)/bin/pytest -m scale -s tests/scale $(PYTEST_ARGS)
+
 ## bench: intake, mappings, timeline, outreach (PostgreSQL), FHIR in, the closed loop, booking and outcomes; tables printed, JSON in bench/results/
 bench: $(STAMP)
 	$(PY) bench/bench_intake.py
@@ -39,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_closed_loop.py
 	$(PY) bench/bench_booking.py
 	$(PY) bench/bench_outcomes.py
+	$(PY) bench/bench_workers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -176,19 +176,25 @@ def _safe_url(url: str) -> str:
 
 @main.command()
 @click.option("--queues", "-Q", default="intake,outreach,fhir,writeback", show_default=True,
-              help="Comma-separated queues to consume.")
+              help="Comma-separated queues to consume: intake, outreach, fhir, writeback. "
+                   "'timeline' is another name for intake: the timeline is written in the "
+                   "same transaction as processing, so it has no queue of its own.")
 @click.option("--concurrency", "-c", type=int, default=2, show_default=True)
 def worker(queues: str, concurrency: int) -> None:
     """Run a Celery worker (needs CARELOOP_BROKER_URL)."""
+    from integration.tasks import make_celery, resolve_queues, run_worker, worker_argv
+
+    try:
+        names = resolve_queues(queues)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_SETTINGS)
     settings = _settings()
     if not settings.broker_url:
         _fail("CARELOOP_BROKER_URL is not set: a worker needs a broker", EXIT_BAD_SETTINGS)
     _check_templates(settings)
-    from integration.tasks import make_celery, run_worker, worker_argv
-
     _engine(settings)
     app = make_celery(settings)
-    run_worker(app, worker_argv(queues.split(","), concurrency, settings.log_level))
+    run_worker(app, worker_argv(names, concurrency, settings.log_level))
 
 
 @main.command()

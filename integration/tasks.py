@@ -32,11 +32,15 @@ from integration.outreach.state import OutreachConfig
 from integration.pipeline import due_ids, process_batch
 from integration.settings import Settings
 
-__all__ = ["QUEUES", "CeleryDispatcher", "make_celery"]
+__all__ = ["QUEUES", "QUEUE_ALIASES", "CeleryDispatcher", "make_celery", "resolve_queues"]
 
 log = get_logger("careloop.tasks")
 
 QUEUES = ("intake", "outreach", "fhir", "writeback")
+QUEUE_ALIASES = {"timeline": "intake"}
+"""Other names ``careloop worker --queues`` accepts. DESIGN.md's ``timeline`` queue is the
+intake queue: the processing stage writes the timeline in the same transaction as the inbox
+row's new status, so the timeline has no queue (and no task) of its own."""
 _BATCH = 100
 
 
@@ -201,6 +205,29 @@ class CeleryDispatcher:
             )
         except Exception as exc:  # the rows are stored; the sweep sends them later
             log.warning("enqueue_failed", count=len(ids), exc_type=type(exc).__name__)
+
+
+def resolve_queues(names: str) -> list[str]:
+    """``careloop worker --queues`` text (comma-separated) → the queues to consume: aliases
+    resolved (``timeline`` is ``intake``), repeats dropped, order kept.
+
+    Raises ValueError naming the first unknown queue (Celery would otherwise consume a queue
+    nothing is ever sent to, silently).
+    """
+    out: list[str] = []
+    for raw in names.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        queue_name = QUEUE_ALIASES.get(name, name)
+        if queue_name not in QUEUES:
+            known = ", ".join([*QUEUES, *(f"{a} (= {q})" for a, q in QUEUE_ALIASES.items())])
+            raise ValueError(f"unknown queue {raw.strip()!r} in --queues (known: {known})")
+        if queue_name not in out:
+            out.append(queue_name)
+    if not out:
+        raise ValueError("--queues names no queue")
+    return out
 
 
 def worker_argv(queues: Sequence[str], concurrency: int, loglevel: str) -> list[str]:

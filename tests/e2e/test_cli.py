@@ -172,3 +172,22 @@ def test_keys_generate_rotate_remove(tmp_path: Path, sqlite_url: str) -> None:
     left = json.loads((tmp_path / "keys" / "jwks.json").read_text())["keys"]
     assert [k["kid"] for k in left] == [published[0]["kid"]]
     assert run(["keys", "remove", old_kid], env, tmp_path).returncode == 1
+
+
+def test_worker_queues_checked_and_timeline_alias(tmp_path: Path, sqlite_url: str) -> None:
+    """`worker --queues`: an unknown name exits 2 with one line naming it (before any broker
+    is needed); `timeline` is the intake queue, as --help says."""
+    from integration.tasks import resolve_queues
+
+    env = base_env(sqlite_url)  # no CARELOOP_BROKER_URL: the name is checked first
+    bad = run(["worker", "-Q", "intake,timline"], env, tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0
+    assert "unknown queue 'timline'" in bad.stderr and "timeline (= intake)" in bad.stderr
+
+    shown = run(["worker", "--help"], env, tmp_path)
+    assert "'timeline' is another name for intake" in " ".join(shown.stdout.split())
+
+    assert resolve_queues("timeline") == ["intake"]
+    assert resolve_queues("intake, Timeline,outreach,writeback,fhir") == [
+        "intake", "outreach", "writeback", "fhir"]
