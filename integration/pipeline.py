@@ -391,24 +391,36 @@ def due_ids(
     now: datetime | None = None,
     limit: int = 1000,
     include_unstarted: bool = False,
+    defer: timedelta | None = None,
 ) -> list[int]:
     """Rows waiting longer than they should: stored but not yet processed, or due for a retry.
 
     ``include_unstarted`` also takes rows never tried at all, however fresh: at start-up
     nothing is queued in this process yet, so every such row was left by the previous run.
+
+    ``defer`` moves the chosen rows' ``next_attempt_at`` that far ahead in the same statement:
+    a sweep that enqueues them does not enqueue them again at its next tick while a backlog is
+    worked off (a task that was lost meanwhile is found once ``defer`` has passed).
     """
     now = now or datetime.now(UTC)
     due = inbox.c.next_attempt_at <= now
     if include_unstarted:
         due = or_(due, inbox.c.attempts == 0)
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(inbox.c.id)
-            .where(inbox.c.status == InboxStatus.RECEIVED.value, due)
-            .order_by(inbox.c.id)
-            .limit(limit)
-        )
-        return [r.id for r in rows]
+    chosen = (select(inbox.c.id)
+              .where(inbox.c.status == InboxStatus.RECEIVED.value, due)
+              .order_by(inbox.c.id)
+              .limit(limit))
+    if defer is None:
+        with engine.connect() as conn:
+            return [r.id for r in conn.execute(chosen)]
+    if engine.dialect.name == "postgresql":
+        chosen = chosen.with_for_update(skip_locked=True)
+    with write_lock(engine), engine.begin() as conn:
+        rows = conn.execute(update(inbox)
+                            .where(inbox.c.id.in_(chosen.scalar_subquery()))
+                            .values(next_attempt_at=now + defer)
+                            .returning(inbox.c.id))
+        return sorted(r.id for r in rows)
 
 
 def _requeued(now: datetime) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -102,7 +103,7 @@ def make_celery(settings: Settings) -> Celery:
     @app.task(name="careloop.sweep", ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def sweep() -> int:
         deliver_app_acks(engines.get(), settings)
-        ids = due_ids(engines.get())
+        ids = due_ids(engines.get(), defer=timedelta(seconds=settings.stale_after_s))
         for start in range(0, len(ids), _BATCH):
             process.apply_async(args=[ids[start : start + _BATCH]], queue="intake")
         if ids:
@@ -231,12 +232,15 @@ def resolve_queues(names: str) -> list[str]:
 
 
 def worker_argv(queues: Sequence[str], concurrency: int, loglevel: str) -> list[str]:
+    """Celery's command line for ``careloop worker``. Each worker gets its own node name
+    (queues and process id), so several on one host are told apart in logs and monitoring."""
+    name = f"careloop-{'-'.join(queues)}-{os.getpid()}@%h"
     return [
         "worker",
         "--queues", ",".join(queues),
         "--concurrency", str(concurrency),
         "--loglevel", loglevel.upper(),
-        "--hostname", "careloop@%h",
+        "--hostname", name,
         "--without-gossip",
         "--without-mingle",
     ]

@@ -168,6 +168,17 @@ class TestSweepAndReplay:
         ids = due_ids(engine, now=NOW)
         assert old in ids and fresh not in ids and done not in ids
 
+    def test_a_deferring_sweep_takes_each_row_once_per_period(self, engine: Engine) -> None:
+        """The Celery sweep defers what it enqueues: the next tick does not enqueue the same
+        rows again; once the period has passed (the task was lost) they come back."""
+        rows = [store(engine, adt(f"D{i}"), next_attempt_at=NOW - timedelta(seconds=1))
+                for i in range(3)]
+        period = timedelta(seconds=60)
+        assert due_ids(engine, now=NOW, defer=period, limit=2) == rows[:2]
+        assert due_ids(engine, now=NOW + timedelta(seconds=5), defer=period) == rows[2:]
+        assert due_ids(engine, now=NOW + timedelta(seconds=10), defer=period) == []
+        assert due_ids(engine, now=NOW + timedelta(seconds=61), defer=period) == rows[:2]
+
     def test_requeue_failed_then_process(self, engine: Engine) -> None:
         inbox_id = store(engine, adt("R1"))
         with engine.begin() as conn:
