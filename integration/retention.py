@@ -6,7 +6,8 @@ daily ``careloop.retention.purge`` beat task).
 * Only rows in a final state go: inbox rows processed, failed or rejected (never ``received``:
   stored and acknowledged but not yet processed), touches sent, cancelled, skipped or failed
   (never scheduled or sending), channel events processed or failed (never pending), outbox rows
-  written (never pending, sending or failed: a failed write is still owed). The state is part
+  written (never pending, sending or failed: a failed write is still owed), timeline changes
+  every consumer's cursor (``outreach_cursors``) has passed. The state is part
   of the SQL condition of both the ``SELECT`` that picks a batch and the ``DELETE`` that
   removes it, so a row that changed state in between stays.
 * Rows go in batches of ``batch`` ids, each in its own short transaction (on SQLite under the
@@ -52,6 +53,8 @@ from integration.models import (
     ehr_outbox,
     inbox,
     mapped_resources,
+    outreach_cursors,
+    timeline_changes,
     touches,
 )
 from integration.settings import Retention, Settings
@@ -76,7 +79,7 @@ FINAL_CHANNEL_EVENT_STATUSES = ("processed", "failed")
 FINAL_OUTBOX_STATUSES = ("written",)
 
 TABLES = ("mapped_resources", "inbox", "touches", "channel_events", "ehr_outbox",
-          "audit_events")
+          "timeline_changes", "audit_events")
 """The tables purged, in the order they are purged (the keys of :func:`purge`'s counts)."""
 
 SETTING_OF = {
@@ -85,6 +88,7 @@ SETTING_OF = {
     "touches": "touches",
     "channel_events": "channel_events",
     "ehr_outbox": "writeback",
+    "timeline_changes": "timeline_changes",
     "audit_events": "audit_events",
 }
 """Table → the ``[retention]`` setting that governs it."""
@@ -150,6 +154,13 @@ def _rules(cuts: dict[str, datetime], own_audit_id: int | None) -> list[_Rule]:
         o = ehr_outbox
         rules.append(_Rule("ehr_outbox", o, and_(
             o.c.status.in_(FINAL_OUTBOX_STATUSES), o.c.updated_at < cuts["writeback"])))
+    if "timeline_changes" in cuts:
+        t = timeline_changes
+        # Only what every consumer has read (no cursor yet: nothing reads the log).
+        read_by_all = select(func.min(outreach_cursors.c.last_id)).scalar_subquery()
+        rules.append(_Rule("timeline_changes", t, and_(
+            t.c.at < cuts["timeline_changes"],
+            or_(read_by_all.is_(None), t.c.id <= read_by_all))))
     if "audit_events" in cuts:
         a = audit_events
         own = a.c.id != own_audit_id if own_audit_id is not None else a.c.id.is_not(None)

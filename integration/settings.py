@@ -231,15 +231,18 @@ class Retention(BaseModel):
     """Write-back outbox rows written to the EHR (by ``updated_at``)."""
     audit_events: timedelta | None = None
     """Audit events (by ``at``)."""
+    timeline_changes: timedelta | None = None
+    """The timeline's change log (by ``at``) once every consumer of it (outreach, waitlist)
+    has read past it; the timeline itself is kept."""
 
     @field_validator("raw_messages", "resources", "touches", "channel_events", "writeback",
-                     "audit_events", mode="before")
+                     "audit_events", "timeline_changes", mode="before")
     @classmethod
     def _duration(cls, v: object) -> object:
         return parse_offset(v) if isinstance(v, str) else v
 
     @field_validator("raw_messages", "resources", "touches", "channel_events", "writeback",
-                     "audit_events")
+                     "audit_events", "timeline_changes")
     @classmethod
     def _at_least_a_day(cls, v: timedelta | None) -> timedelta | None:
         if v is not None and v < timedelta(days=1):

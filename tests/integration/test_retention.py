@@ -81,7 +81,7 @@ def seed(engine: Engine, now: datetime = NOW) -> None:
 
 
 EXPECTED = {"mapped_resources": 3, "inbox": 3, "touches": 8, "channel_events": 2,
-            "ehr_outbox": 1, "audit_events": 1}
+            "ehr_outbox": 1, "timeline_changes": 0, "audit_events": 1}
 
 
 def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
@@ -274,3 +274,29 @@ def test_celery_task(sqlite_url: str) -> None:
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(touches)).scalar_one() == 16
     engine.dispose()
+
+
+def test_timeline_changes_go_once_every_consumer_has_read_them(engine: Engine,
+                                                               db_url: str) -> None:
+    """The change log is purged by age, but never past the slowest consumer's cursor."""
+    from integration.models import outreach_cursors, timeline_changes
+
+    with write_lock(engine), engine.begin() as conn:
+        ids = [int(conn.execute(insert(timeline_changes).values(
+            entry_id=f"e{i}", patient_id="pat", kind="appointment", change="created",
+            status="booked", at=NOW - (OLD if i < 4 else NEW),
+        ).returning(timeline_changes.c.id)).scalar_one()) for i in range(6)]
+    settings = settings_for(db_url, retention={"timeline_changes": "P30D"})
+
+    # No consumer has started: age alone decides.
+    assert purge(engine, settings, now=NOW, dry_run=True)["timeline_changes"] == 4
+    with write_lock(engine), engine.begin() as conn:
+        conn.execute(insert(outreach_cursors).values(name="outreach", last_id=ids[3],
+                                                     updated_at=NOW))
+        conn.execute(insert(outreach_cursors).values(name="waitlist", last_id=ids[1],
+                                                     updated_at=NOW))
+    # The waitlist has read only the first two: only those go.
+    assert purge(engine, settings, now=NOW, batch=1)["timeline_changes"] == 2
+    with engine.connect() as conn:
+        left = conn.execute(select(timeline_changes.c.id).order_by(timeline_changes.c.id))
+        assert [r.id for r in left] == ids[2:]
