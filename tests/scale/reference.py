@@ -71,6 +71,9 @@ def run_reference(config: dict[str, Any], database_url: str, messages: Sequence[
     """
     import time
 
+    from integration.logs import configure_logging
+
+    configure_logging("warning")  # 20,000 "message_processed" lines would bury the progress
     started = time.monotonic()
     base = {k: v for k, v in config.items() if k != "pathways"}
     store_only = load_settings(**base, database_url=database_url, auth="disabled",
