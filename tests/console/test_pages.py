@@ -326,5 +326,6 @@ def test_viewer_sees_the_overview_figures(client: TestClient, runtime: Runtime) 
     assert _table(html, "outbox-status") == {"written": ["2"], "failed": ["1"]}
     assert re.search(r'id="fig-errors"><strong>1</strong>', html)
     assert re.search(r'id="fig-received"><strong>7</strong>', html)
+    assert '<meta http-equiv="refresh" content="30">' in html  # people watch it arrive
     assert SECRET_PATIENT not in html and "+4915112345678" not in html
     assert "<script" not in html and "<caption>" in html
