@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.fhir.keys import SigningKey, generate_signing_key
+from tests.e2e.ehr import install, running_ehr
+
 CARELOOP = str(Path(sys.executable).parent / "careloop")
 
 
@@ -91,3 +94,21 @@ def serve_factory(tmp_path: Path) -> Iterator[type[Serve]]:
     yield _Serve
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    """careloop's SMART signing key, registered with the module's EHR."""
+    return generate_signing_key("ES384")
+
+
+@pytest.fixture(scope="module")
+def ehr_origin(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+               key: SigningKey) -> Iterator[str]:
+    """One stand-in EHR per test module (auth required, careloop registered by its JWKS); a
+    module's ``EHR_ENV`` dict adds settings (e.g. ``EHR_NOTIFY_RETRIES``)."""
+    harness = install(tmp_path_factory)
+    folder = tmp_path_factory.mktemp(f"ehr-{request.module.__name__.rsplit('.', 1)[-1]}")
+    env: dict[str, str] = getattr(request.module, "EHR_ENV", {})
+    with running_ehr(harness, key, folder, **env) as origin:
+        yield origin

@@ -8,7 +8,7 @@ import asyncio
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,26 +17,17 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from adapters.fhir import FHIRClient, SigningKey, generate_signing_key, save_private_key
+from adapters.fhir import FHIRClient, SigningKey, save_private_key
 from integration.db import create_db_engine
 from integration.models import timeline_entries
 from tests.e2e.conftest import CARELOOP, base_env
-from tests.e2e.ehr import APPOINTMENT_TOPIC, CLIENT_ID, install, running_ehr
+from tests.e2e.ehr import APPOINTMENT_TOPIC, CLIENT_ID
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return generate_signing_key("ES384")
-
-
-@pytest.fixture(scope="module")
-def ehr_origin(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Iterator[str]:
-    harness = install(tmp_path_factory)
-    folder = tmp_path_factory.mktemp("ehr-fhir-run")
-    with running_ehr(harness, key, folder, EHR_NOTIFY_RETRIES="0") as origin:
-        yield origin
+EHR_ENV = {"EHR_NOTIFY_RETRIES": "0"}
+"""Settings of this module's stand-in EHR (the ehr_origin fixture)."""
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ timeline, the reminders and the write-back afterwards."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from adapters.fhir import FHIRClient, SigningKey, generate_signing_key, save_private_key
+from adapters.fhir import FHIRClient, SigningKey, save_private_key
 from integration.db import write_lock
 from integration.fhir_ingest import fhir_source
 from integration.models import bookings, ehr_outbox, touches
@@ -27,7 +27,7 @@ from integration.scheduling import BOOKING_SYSTEM, Capabilities, SchedulingServi
 from integration.settings import Connection, Settings
 from integration.timeline import apply_batch
 from integration.writeback import WritebackStage
-from tests.e2e.ehr import CLIENT_ID, install, running_ehr
+from tests.e2e.ehr import CLIENT_ID
 from tests.helpers import settings_for
 from tests.outreach.support import config as outreach_config
 from tests.scheduling.support import entry_for
@@ -38,19 +38,6 @@ EHR = "main-ehr"
 SERVICE = {"coding": [{"system": "http://example.org/service", "code": "checkup",
                        "display": "Check-up"}]}
 FREE_SLOTS = 10
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return generate_signing_key("ES384")
-
-
-@pytest.fixture(scope="module")
-def ehr_origin(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Iterator[str]:
-    harness = install(tmp_path_factory)
-    folder = tmp_path_factory.mktemp("ehr-scheduling-run")
-    with running_ehr(harness, key, folder) as origin:
-        yield origin
 
 
 @dataclass

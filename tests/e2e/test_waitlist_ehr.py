@@ -14,7 +14,7 @@ import asyncio
 import json
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from adapters.channels import Channel
-from adapters.fhir import FHIRClient, SigningKey, generate_signing_key, save_private_key
+from adapters.fhir import FHIRClient, SigningKey, save_private_key
 from integration.db import create_db_engine, write_lock
 from integration.delivery import build_channels, link_signer
 from integration.fhir_ingest import default_client
@@ -33,7 +33,7 @@ from integration.models import bookings, freed_slots, waitlist_entries, waitlist
 from integration.scheduling import SchedulingService
 from integration.settings import Connection, Settings
 from integration.waitlist import AcceptOutcome, accept, consume_cancellations, join, offer_round
-from tests.e2e.ehr import CLIENT_ID, install, running_ehr
+from tests.e2e.ehr import CLIENT_ID
 from tests.e2e.test_scheduling_ehr import EHR, SERVICE, _create, _ingest
 from tests.helpers import settings_for
 from tests.scheduling.support import entry_for
@@ -42,19 +42,6 @@ pytestmark = pytest.mark.slow
 
 MRN_SYSTEM = "urn:oid:2.16.840.1.113883.19.5"
 APPOINTMENT_SYSTEM = "urn:oid:2.16.840.1.113883.19.6"
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return generate_signing_key("ES384")
-
-
-@pytest.fixture(scope="module")
-def ehr_origin(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Iterator[str]:
-    harness = install(tmp_path_factory)
-    folder = tmp_path_factory.mktemp("ehr-waitlist-run")
-    with running_ehr(harness, key, folder) as origin:
-        yield origin
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, update
 
-from adapters.fhir import FHIRClient, SigningKey, generate_signing_key, save_private_key
+from adapters.fhir import FHIRClient, SigningKey, save_private_key
 from integration.db import create_db_engine, write_lock
 from integration.fhir_ingest import fhir_source
 from integration.models import ehr_outbox, timeline_entries
@@ -30,7 +30,7 @@ from integration.writeback import (
     enqueue_touch,
     touch_key_of,
 )
-from tests.e2e.ehr import CLIENT_ID, install, running_ehr
+from tests.e2e.ehr import CLIENT_ID
 from tests.helpers import settings_for
 from tests.writeback.support import add_touch, fhir_entry, outbox
 
@@ -38,19 +38,6 @@ pytestmark = pytest.mark.slow
 
 EHR = "main-ehr"
 TOUCHES = 30
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return generate_signing_key("ES384")
-
-
-@pytest.fixture(scope="module")
-def ehr_origin(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Iterator[str]:
-    harness = install(tmp_path_factory)
-    folder = tmp_path_factory.mktemp("ehr-writeback-run")
-    with running_ehr(harness, key, folder) as origin:
-        yield origin
 
 
 @dataclass
