@@ -14,7 +14,16 @@ from enum import StrEnum
 
 from integration.outreach.pathways import Organization
 
-__all__ = ["LANGUAGES", "Answer", "Spoken", "answer_language", "sms_text", "voice_text"]
+__all__ = [
+    "LANGUAGES",
+    "Answer",
+    "Sentence",
+    "Spoken",
+    "answer_language",
+    "render_sentences",
+    "sms_text",
+    "voice_text",
+]
 
 LANGUAGES = ("en", "es")
 
@@ -43,6 +52,8 @@ class Spoken(StrEnum):
 # A text is a sequence of sentences; a sentence is a string or a tuple of alternatives, the
 # first whose placeholders all have a value being used.
 Sentence = str | tuple[str, ...]
+"""A sentence, or choices of one: the first whose ``{fields}`` all have values is used
+(:func:`render_sentences`)."""
 
 _SMS: Mapping[str, Mapping[Answer, Sequence[Sentence]]] = {
     "en": {
@@ -148,7 +159,9 @@ def _fields(template: str) -> set[str]:
     return {name for _, name, _, _ in _FORMATTER.parse(template) if name}
 
 
-def _render(sentences: Sequence[Sentence], values: Mapping[str, str]) -> str:
+def render_sentences(sentences: Sequence[Sentence], values: Mapping[str, str]) -> str:
+    """The sentences joined, each the first choice whose fields all have values (a sentence
+    whose fields are all missing is left out)."""
     out: list[str] = []
     for sentence in sentences:
         choices = (sentence,) if isinstance(sentence, str) else sentence
@@ -180,10 +193,10 @@ def sms_text(answer: Answer, language: str, organization: Organization, *,
     ``link``: where the patient can act (the portal page of the touch), else the
     organisation's own link."""
     texts = _SMS.get(answer_language(language)) or _SMS["en"]
-    return _render(texts[answer], _values(organization, link))
+    return render_sentences(texts[answer], _values(organization, link))
 
 
 def voice_text(spoken: Spoken, language: str, organization: Organization) -> str:
     """What a call says back after a key press."""
     texts = _VOICE.get(answer_language(language)) or _VOICE["en"]
-    return _render(texts[spoken], _values(organization, ""))
+    return render_sentences(texts[spoken], _values(organization, ""))

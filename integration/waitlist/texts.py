@@ -11,7 +11,6 @@ templates do ("jueves, 5 de marzo de 2026, 10:00").
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping, Sequence
 from datetime import datetime, tzinfo
 from enum import StrEnum
@@ -20,7 +19,7 @@ from babel.core import Locale
 from babel.dates import format_date, format_time
 
 from integration.outreach.pathways import Organization
-from integration.replies.texts import answer_language
+from integration.replies.texts import Sentence, answer_language, render_sentences
 
 __all__ = [
     "LANGUAGES",
@@ -47,7 +46,6 @@ class Outcome(StrEnum):
     DECLINED = "declined"
 
 
-Sentence = str | tuple[str, ...]
 
 _OFFER: Mapping[str, Sequence[Sentence]] = {
     "en": (
@@ -158,24 +156,6 @@ _OUTCOME: Mapping[str, Mapping[Outcome, Sequence[Sentence]]] = {
     },
 }
 
-_FORMATTER = string.Formatter()
-
-
-def _fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in _FORMATTER.parse(template) if name}
-
-
-def _render(sentences: Sequence[Sentence], values: Mapping[str, str]) -> str:
-    out: list[str] = []
-    for sentence in sentences:
-        choices = (sentence,) if isinstance(sentence, str) else sentence
-        for choice in choices:
-            if all(values.get(name) for name in _fields(choice)):
-                out.append(choice.format(**values))
-                break
-    return " ".join(out)
-
-
 def text_language(language: str, default: str = "en") -> str:
     """``en`` or ``es`` for a BCP 47 tag (``es-MX`` → ``es``), else ``default`` / English."""
     return answer_language(language, default)
@@ -227,10 +207,10 @@ def offer_message(
     values = _values(organization, service=service, when=when, location=location, link=link,
                      until=until)
     if channel == "voice":
-        return "", _render(_OFFER_VOICE[lang], values)
-    body = _render(_OFFER[lang], values)
+        return "", render_sentences(_OFFER_VOICE[lang], values)
+    body = render_sentences(_OFFER[lang], values)
     if channel == "email":
-        return _OFFER_SUBJECT[lang], f"{body} {_render(_OFFER_EMAIL_END[lang], values)}"
+        return _OFFER_SUBJECT[lang], f"{body} {render_sentences(_OFFER_EMAIL_END[lang], values)}"
     return "", body
 
 
@@ -238,11 +218,11 @@ def taken_message(channel: str, language: str, organization: Organization, *, se
                   when: str) -> tuple[str, str]:
     """``(subject, body)`` telling a patient the slot offered to them was taken."""
     lang = text_language(language)
-    body = _render(_TAKEN[lang], _values(organization, service=service, when=when))
+    body = render_sentences(_TAKEN[lang], _values(organization, service=service, when=when))
     return (_TAKEN_SUBJECT[lang] if channel == "email" else ""), body
 
 
 def outcome_text(outcome: Outcome | str, language: str, *, when: str = "") -> str:
     """What the patient page says after an accept (or a decline)."""
     lang = text_language(language)
-    return _render(_OUTCOME[lang][Outcome(outcome)], {"when": when})
+    return render_sentences(_OUTCOME[lang][Outcome(outcome)], {"when": when})
