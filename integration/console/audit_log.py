@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import Engine, select, tuple_
 
 from integration.console.auth import Operator, runtime_of
-from integration.console.render import render
+from integration.console.render import MAX_ROW_ID, render
 from integration.models import audit_events
 
 __all__ = ["PAGE_SIZE", "AuditFilters", "AuditPage", "compact", "read_audit", "router"]
@@ -95,6 +95,8 @@ def decode_cursor(text: str) -> tuple[datetime, int]:
         stamp, _, row_id = raw.partition("|")
         at = datetime.fromisoformat(stamp)
         number = int(row_id)
+        if not 0 <= number <= MAX_ROW_ID:
+            raise ValueError(row_id)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FilterError("the page link is not one this server made") from exc
     return (at if at.tzinfo else at.replace(tzinfo=UTC)), number

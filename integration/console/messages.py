@@ -38,7 +38,7 @@ from integration.console.auth import (
     record_view,
     runtime_of,
 )
-from integration.console.render import HEADERS, ConsoleError, render
+from integration.console.render import HEADERS, MAX_ROW_ID, ConsoleError, render
 from integration.console.users import role_allows
 from integration.db import write_lock
 from integration.identity import REF_SYSTEM_PREFIX
@@ -455,7 +455,8 @@ REJECTED_NOTE = ("This message was rejected when it arrived: careloop could not 
 async def message_page(request: Request, inbox_id: int, session: Viewer) -> Response:
     engine = runtime_of(request).engine
     phi = session.person.phi
-    detail = await asyncio.to_thread(load_message, engine, inbox_id, phi=False)
+    detail = (await asyncio.to_thread(load_message, engine, inbox_id, phi=False)
+              if inbox_id <= MAX_ROW_ID else None)
     if detail is None:
         raise ConsoleError(404, "Not found", f"There is no message {inbox_id}.")
     if phi:
@@ -505,7 +506,8 @@ def replay_one(runtime: Runtime, inbox_id: int, *, actor: str, now: datetime) ->
 @router.post("/console/messages/{inbox_id:int}/replay")
 async def replay_message(request: Request, inbox_id: int, session: Operator) -> Response:
     runtime = runtime_of(request)
-    detail = await asyncio.to_thread(load_message, runtime.engine, inbox_id, phi=False)
+    detail = (await asyncio.to_thread(load_message, runtime.engine, inbox_id, phi=False)
+              if inbox_id <= MAX_ROW_ID else None)
     if detail is None:
         raise ConsoleError(404, "Not found", f"There is no message {inbox_id}.")
     if detail.status == InboxStatus.REJECTED.value:
@@ -627,7 +629,8 @@ def job_progress(engine: Engine, job_id: int) -> JobProgress | None:
 
 @router.get("/console/replays/{job_id:int}")
 async def replay_progress(request: Request, job_id: int, session: Viewer) -> Response:
-    progress = await asyncio.to_thread(job_progress, runtime_of(request).engine, job_id)
+    progress = (await asyncio.to_thread(job_progress, runtime_of(request).engine, job_id)
+                if job_id <= MAX_ROW_ID else None)
     if progress is None:
         raise ConsoleError(404, "Not found", f"There is no replay {job_id}.")
     try:

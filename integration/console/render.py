@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-__all__ = ["CSS", "HEADERS", "ConsoleError", "console_error", "env", "render"]
+__all__ = ["CSS", "HEADERS", "MAX_ROW_ID", "ConsoleError", "console_error", "env", "render"]
 
 CSS = """
 :root{color-scheme:light;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
@@ -81,6 +81,9 @@ HEADERS = {
                                 "frame-ancestors 'none'; base-uri 'none'"),
 }
 LOGIN_PATH = "/console/login"
+MAX_ROW_ID = 2**63 - 1
+"""The largest row id a table can hold: a larger number in a URL names no row (404), rather
+than overflowing the database driver."""
 
 env = Environment(
     loader=FileSystemLoader(Path(__file__).with_name("templates")),

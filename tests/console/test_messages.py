@@ -181,6 +181,8 @@ def test_detail_shows_patient_data_only_with_phi_access_and_audits_it(
 
     assert paula.get("/console/messages/999999").status_code == 404
     assert paula.get("/console/messages/abc").status_code == 404
+    # Past the largest row id: no such message, not a database overflow.
+    assert paula.get("/console/messages/99999999999999999999").status_code == 404
 
 
 def test_detail_of_a_failed_message_shows_the_error_to_phi_users(
@@ -243,6 +245,8 @@ def test_a_rejected_message_is_not_replayed(app: FastAPI, runtime: Runtime) -> N
     assert r.status_code == 409 and "rejected" in r.text
     assert row_of(engine, inbox_id).status == "rejected"
     assert olga.post("/console/messages/424242/replay", data={"csrf": csrf}).status_code == 404
+    assert olga.post("/console/messages/99999999999999999999/replay",
+                     data={"csrf": csrf}).status_code == 404
 
 
 def test_replay_is_processed_by_the_in_process_worker(db_url: str) -> None:
@@ -317,6 +321,7 @@ def test_replay_all_failed_messages_of_a_filter_with_progress(
     assert re.search(r'id="waiting"><strong>0<', progress.text)
     assert 'value="3"' in progress.text and 'id="failed-again"' in progress.text
     assert vera.get("/console/replays/999").status_code == 404
+    assert vera.get("/console/replays/99999999999999999999").status_code == 404
 
     r = olga.post("/console/replays", data={"csrf": csrf, "sender": "NOBODY"})
     assert r.status_code == 409 and "Nothing to replay" in r.text

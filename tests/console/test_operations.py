@@ -4,6 +4,7 @@ page opened with a console session."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -433,6 +434,8 @@ def test_audit_log_filters(client: TestClient, runtime: Runtime) -> None:
     r = client.get("/console/audit", params={"since": "yesterday"})
     assert r.status_code == 400 and 'id="audit-error"' in r.text
     assert client.get("/console/audit", params={"cursor": "x!"}).status_code == 400
+    huge = base64.urlsafe_b64encode(b"2025-03-04T10:00:00+00:00|99999999999999999999").decode()
+    assert client.get("/console/audit", params={"cursor": huge}).status_code == 400
     page = client.get("/console/audit", params={"action": "console.*"}).text
     assert 'value="console.*"' in page and "<b>" not in page
 
